@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 
 DENSE_IMPLEMENTATIONS = ("xla", "cudnn")
-MODES = ("dense", "dense_map", "sparse", "sparse_map")
+MODES = ("dense", "dense_map", "sparse", "sparse_map", "oracle")
 
 
 @struct.dataclass
@@ -27,7 +27,9 @@ class AttentionControl:
     "dense"       full attention through `implementation` (xla | cudnn | None=auto);
     "dense_map"   full attention plus the sparsity map S of every block;
     "sparse"      block-sparse attention with `block_mask`;
-    "sparse_map"  block-sparse attention plus S on the active blocks only.
+    "sparse_map"  block-sparse attention plus S on the active blocks only;
+    "oracle"      measure the exact S of this call, keep the `oracle_keep`
+                  lowest-S blocks per head (plus the diagonal), attend sparsely.
   block_mask: bool [L, B, H, n, n] (one slice per layer), or a
     `pallas_kernels.BlockTable` with the same leading axes; None for dense modes.
   """
@@ -38,6 +40,7 @@ class AttentionControl:
   sparse_implementation: Optional[str] = struct.field(pytree_node=False, default=None)
   block_size: int = struct.field(pytree_node=False, default=128)
   threshold: float = struct.field(pytree_node=False, default=1e-4)
+  oracle_keep: int = struct.field(pytree_node=False, default=0)
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -76,6 +79,16 @@ def self_attention(q, k, v, control: Optional[AttentionControl] = None):
 
   import pallas_kernels  # the kernels package is optional for dense-only use
 
+  if control.mode == "oracle":
+    from modjax import masks  # the oracle's block choice lives with the other baselines
+    smap = pallas_kernels.sparsity_map(
+        q, k, block_size=control.block_size, threshold=control.threshold,
+        implementation=control.sparse_implementation)
+    mask = masks.topk_blocks_mask(smap, control.oracle_keep)
+    out = pallas_kernels.block_sparse_attention(
+        q, k, v, mask, block_size=control.block_size,
+        implementation=control.sparse_implementation)
+    return out, {}
   if control.mode == "sparse":
     out = pallas_kernels.block_sparse_attention(
         q, k, v, control.block_mask, block_size=control.block_size,

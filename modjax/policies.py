@@ -1,0 +1,258 @@
+"""Attention policies: what each denoising step asks of attention, and how the
+carried state evolves. One policy per config (dense, MOD-DiT, baselines).
+
+A policy is static (hashable, built from a config and the video geometry). The
+sampler asks it for the per-step kinds before the scan, and inside the scan for
+the `AttentionControl` of a step kind and the state update after the model
+call. All per-layer state is stacked with the layer axis first
+([L, B, H, ...]) because the model scans over layers on axis 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+import pallas_kernels
+from models.attention import AttentionControl
+from modjax import config as cfg_lib
+from modjax import features as features_lib
+from modjax import masks as masks_lib
+from modjax import predict as predict_lib
+from modjax.schedule import StepKind, mod_step_kinds, warmup_step_kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Static sizes of the attention problem the policy works on."""
+  num_layers: int
+  batch: int            # rows of the model batch (2 x videos with CFG)
+  heads: int
+  seq_len: int
+  tokens_per_frame: int
+  block_size: int
+
+  @property
+  def num_blocks(self) -> int:
+    return -(-self.seq_len // self.block_size)
+
+  @property
+  def blocks_per_frame(self) -> int:
+    return max(self.tokens_per_frame // self.block_size, 1)
+
+  @property
+  def lead(self):
+    return (self.num_layers, self.batch, self.heads)
+
+
+@struct.dataclass
+class MODState:
+  """MOD-DiT's history, carried through the denoising scan.
+
+  prev_map: [L, B, H, n, n] bf16, last measured sparsity of each block
+    (blocks skipped since keep their older value).
+  x_prev, x_cur: the last two fitted PatternFeatures.
+  block_diagonal: bool [L, B, H], fixed at the end of warm-up.
+  mask: bool [L, B, H, n, n]; table: its compacted form for the kernel.
+  """
+  prev_map: jax.Array
+  x_prev: features_lib.PatternFeatures
+  x_cur: features_lib.PatternFeatures
+  block_diagonal: jax.Array
+  mask: jax.Array
+  table: Any
+
+
+@struct.dataclass
+class FixedMaskState:
+  """A mask that does not change over steps (static window baseline)."""
+  mask: jax.Array
+  table: Any
+
+
+def _layer_dense(geom: Geometry, dense_layers: int) -> np.ndarray:
+  """bool [L, 1, 1, 1, 1]: layers that always run dense."""
+  return (np.arange(geom.num_layers) < dense_layers).reshape(-1, 1, 1, 1, 1)
+
+
+def _compact(mask: jax.Array, width: int):
+  flat = mask.reshape((-1,) + mask.shape[-3:])
+  table = jax.vmap(functools.partial(pallas_kernels.compact_block_mask, max_width=width))(flat)
+  return jax.tree.map(lambda a: a.reshape(mask.shape[:-4] + a.shape[1:]), table)
+
+
+def _mean_density(mask: jax.Array) -> jax.Array:
+  """Per-layer fraction of computed blocks, float32 [L]."""
+  return jnp.mean(mask, axis=tuple(range(1, mask.ndim)), dtype=jnp.float32)
+
+
+class DensePolicy:
+  """Full attention every step; no state."""
+
+  def __init__(self, config: cfg_lib.DenseConfig, geom: Geometry):
+    self.config, self.geom = config, geom
+
+  def step_kinds(self, num_steps: int) -> np.ndarray:
+    return np.full((num_steps,), StepKind.DENSE, np.int32)
+
+  def init(self):
+    return ()
+
+  def control(self, state, kind: StepKind) -> AttentionControl:
+    return AttentionControl(mode="dense", implementation=self.config.implementation)
+
+  def update(self, state, stats, kind: StepKind):
+    return state
+
+  def density(self, state, kind: StepKind) -> jax.Array:
+    return jnp.ones((self.geom.num_layers,), jnp.float32)
+
+
+class _SparsePolicy:
+  """Shared plumbing of the policies that run the block-sparse kernel."""
+
+  def _control(self, mode: str, block_mask=None, **extra) -> AttentionControl:
+    c = self.config
+    return AttentionControl(
+        mode=mode, block_mask=block_mask, implementation=c.dense_implementation,
+        sparse_implementation=c.implementation, block_size=c.block_size,
+        threshold=getattr(c, "threshold", 1e-4), **extra)
+
+  def _with_dense_layers(self, mask: jax.Array) -> jax.Array:
+    return mask | _layer_dense(self.geom, self.config.dense_layers)
+
+  def density(self, state, kind: StepKind) -> jax.Array:
+    if kind in (StepKind.DENSE, StepKind.MAP) or (
+        kind == StepKind.REFRESH and self.config.refresh == "dense"):
+      return jnp.ones((self.geom.num_layers,), jnp.float32)
+    return _mean_density(state.mask)
+
+
+class MODPolicy(_SparsePolicy):
+  """MOD-DiT, ALGORITHM.md sections 2-4."""
+
+  def __init__(self, config: cfg_lib.MODConfig, geom: Geometry):
+    self.config, self.geom = config, geom
+    n, bpf = geom.num_blocks, geom.blocks_per_frame
+    self.top_k = predict_lib.resolve_top_k(config.top_k, n)
+    self.width = predict_lib.max_row_width(self.top_k, n, bpf)
+
+  def step_kinds(self, num_steps: int) -> np.ndarray:
+    c = self.config
+    return mod_step_kinds(num_steps, c.warmup_steps, c.interval, refresh=c.refresh != "none")
+
+  def init(self) -> MODState:
+    g = self.geom
+    n = g.num_blocks
+    zeros = lambda *s: jnp.zeros(g.lead + s, jnp.float32)
+    feats = features_lib.PatternFeatures(diag=zeros(2 * n - 1), col=zeros(n), block=zeros())
+    mask = jnp.ones(g.lead + (n, n), bool)
+    return MODState(
+        prev_map=jnp.ones(g.lead + (n, n), jnp.bfloat16), x_prev=feats, x_cur=feats,
+        block_diagonal=jnp.zeros(g.lead, bool), mask=mask, table=_compact(mask, self.width))
+
+  def control(self, state: MODState, kind: StepKind) -> AttentionControl:
+    if kind == StepKind.DENSE:
+      return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
+    if kind == StepKind.MAP or (kind == StepKind.REFRESH and self.config.refresh == "dense"):
+      return self._control("dense_map")
+    if kind == StepKind.REFRESH:
+      return self._control("sparse_map", state.table)
+    return self._control("sparse", state.table)
+
+  def _predict(self, x_prev, x_cur, block_diagonal):
+    mask = predict_lib.predict_mask(
+        x_prev, x_cur, interval=self.config.interval, top_k=self.top_k,
+        blocks_per_frame=self.geom.blocks_per_frame, block_diagonal=block_diagonal)
+    return self._with_dense_layers(mask)
+
+  def update(self, state: MODState, stats, kind: StepKind) -> MODState:
+    if kind not in (StepKind.MAP, StepKind.REFRESH):
+      return state
+    c, bpf = self.config, self.geom.blocks_per_frame
+    smap = stats["sparsity_map"]
+    if kind == StepKind.MAP:
+      merged = smap.astype(jnp.bfloat16)
+    else:  # history: blocks skipped under the current mask keep their older value
+      merged = jnp.where(state.mask, smap.astype(jnp.bfloat16), state.prev_map)
+    fitted = features_lib.fit_pattern_features(merged, bpf, c.ridge)
+    block_diagonal = (predict_lib.block_diagonal_mode(fitted, c.e_max)
+                      if kind == StepKind.MAP else state.block_diagonal)
+    mask = self._predict(state.x_cur, fitted, block_diagonal)
+    return MODState(prev_map=merged, x_prev=state.x_cur, x_cur=fitted,
+                    block_diagonal=block_diagonal, mask=mask, table=_compact(mask, self.width))
+
+
+class StaticWindowPolicy(_SparsePolicy):
+  """Dense warm-up, then one fixed local spatio-temporal band for every layer and head."""
+
+  def __init__(self, config: cfg_lib.StaticWindowConfig, geom: Geometry):
+    self.config, self.geom = config, geom
+
+  def step_kinds(self, num_steps: int) -> np.ndarray:
+    return warmup_step_kinds(num_steps, self.config.warmup_steps)
+
+  def init(self) -> FixedMaskState:
+    g = self.geom
+    band = masks_lib.static_window_for_density(g.num_blocks, g.blocks_per_frame, self.config.density)
+    mask = self._with_dense_layers(jnp.broadcast_to(jnp.asarray(band), g.lead + band.shape))
+    return FixedMaskState(mask=mask, table=_compact(mask, g.num_blocks))
+
+  def control(self, state, kind: StepKind) -> AttentionControl:
+    if kind == StepKind.DENSE:
+      return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
+    return self._control("sparse", state.table)
+
+  def update(self, state, stats, kind):
+    return state
+
+  def density(self, state, kind):
+    if kind == StepKind.DENSE:
+      return jnp.ones((self.geom.num_layers,), jnp.float32)
+    return _mean_density(state.mask)
+
+
+class OraclePolicy(_SparsePolicy):
+  """Dense warm-up, then each layer keeps the lowest-S blocks of that very step."""
+
+  def __init__(self, config: cfg_lib.OracleConfig, geom: Geometry):
+    self.config, self.geom = config, geom
+    n = geom.num_blocks
+    self.keep = max(int(round(config.density * n * n)), n)
+
+  def step_kinds(self, num_steps: int) -> np.ndarray:
+    return warmup_step_kinds(num_steps, self.config.warmup_steps)
+
+  def init(self):
+    return ()
+
+  def control(self, state, kind: StepKind) -> AttentionControl:
+    if kind == StepKind.DENSE:
+      return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
+    return self._control("oracle", oracle_keep=self.keep)
+
+  def update(self, state, stats, kind):
+    return state
+
+  def density(self, state, kind):
+    if kind == StepKind.DENSE:
+      return jnp.ones((self.geom.num_layers,), jnp.float32)
+    n = self.geom.num_blocks
+    return jnp.full((self.geom.num_layers,), min(self.keep / (n * n), 1.0), jnp.float32)
+
+
+def make_policy(attention: cfg_lib.AttentionConfig, geom: Geometry):
+  """The policy object for an attention config."""
+  table = {cfg_lib.DenseConfig: DensePolicy, cfg_lib.MODConfig: MODPolicy,
+           cfg_lib.StaticWindowConfig: StaticWindowPolicy, cfg_lib.OracleConfig: OraclePolicy}
+  if type(attention) not in table:
+    raise ValueError(
+        f"attention must be 'dense', 'mod' or one of {[t.__name__ for t in table]}, "
+        f"got {attention!r}")
+  return table[type(attention)](attention, geom)
