@@ -33,6 +33,7 @@ tokens per frame, and the sparse-attention comparison only needs the DiT.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -106,46 +107,53 @@ def _fold(u, lo, hi):
   return lo + span - jnp.abs(m - span)
 
 
+@functools.partial(jax.jit, static_argnames=("frames", "height", "width"))
 def scene_for_label(key, label, frames: int, height: int, width: int) -> Scene:
   """Draw the scene of one video; `label` fixes the shapes and the motion type."""
   shape_set, motion = decode_label(jnp.asarray(label, jnp.int32))
   present = shapes_present(shape_set)
-  keys = jax.random.split(key, 10)
-  size = float(min(height, width))
   n = NUM_SHAPES
+  # One uniform draw carved into named pieces: a single threefry call compiles in a
+  # fraction of the time of one call per piece.
+  sizes = dict(radius=(n,), start=(n, 2), speed=(n,), sign=(n, 2), period=(n,), apex=(n,),
+               phase=(n,), palette=(PALETTE.shape[0],), shade=(n,), depth=(n,),
+               bg_base=(3,), angle=(2,), freq=(2,), drift=(2,), phase0=(2,), bg_colors=(2, 3))
+  flat = jax.random.uniform(key, (sum(math.prod(v) for v in sizes.values()),))
+  u, offset = {}, 0
+  for name, shape in sizes.items():
+    u[name] = flat[offset:offset + math.prod(shape)].reshape(shape)
+    offset += math.prod(shape)
+  between = lambda x, lo, hi: lo + (hi - lo) * x
+  size = float(min(height, width))
 
-  radius = size * jax.random.uniform(keys[0], (n,), minval=0.11, maxval=0.17)
+  radius = size * between(u["radius"], 0.11, 0.17)
   lo = jnp.stack([radius, radius], -1)                                     # [N, 2]
   hi = jnp.stack([height - radius, width - radius], -1)
-  start = lo + (hi - lo) * jax.random.uniform(keys[1], (n, 2))
-  speed = size * jax.random.uniform(keys[2], (n,), minval=0.035, maxval=0.075)
-  sign = jnp.where(jax.random.bernoulli(keys[3], 0.5, (n, 2)), 1.0, -1.0)
+  start = lo + (hi - lo) * u["start"]
+  speed = size * between(u["speed"], 0.035, 0.075)
+  sign = jnp.where(u["sign"] < 0.5, 1.0, -1.0)
   # (vy, vx) unit directions per motion type; gravity moves sideways and falls.
   directions = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.7071, 0.7071], [0.0, 0.6]])
   velocity = directions[motion] * speed[:, None] * sign                  # [N, 2]
   t = jnp.arange(frames, dtype=jnp.float32)[:, None, None]
   free = _fold(start + velocity * t, lo, hi)                              # [F, N, 2]
   # Gravity: elastic bounces on the floor, period P frames, apex height A.
-  period = jax.random.uniform(keys[4], (n,), minval=7.0, maxval=13.0)
-  apex = (hi[:, 0] - lo[:, 0]) * jax.random.uniform(keys[5], (n,), minval=0.45, maxval=0.9)
-  phase = jax.random.uniform(keys[6], (n,))
-  u = jnp.mod(t[..., 0] / period + phase, 1.0)                            # [F, N]
-  fall_y = hi[:, 0] - 4.0 * apex * u * (1.0 - u)
+  period = between(u["period"], 7.0, 13.0)
+  apex = (hi[:, 0] - lo[:, 0]) * between(u["apex"], 0.45, 0.9)
+  phase = jnp.mod(t[..., 0] / period + u["phase"], 1.0)                  # [F, N]
+  fall_y = hi[:, 0] - 4.0 * apex * phase * (1.0 - phase)
   centers = jnp.where(motion == 3, free.at[..., 0].set(fall_y), free)
 
-  colors = PALETTE[jax.random.permutation(keys[7], PALETTE.shape[0])[:n]]
-  colors = colors * jax.random.uniform(keys[7], (n, 1), minval=0.8, maxval=1.0)
-  depth = jax.random.permutation(keys[8], n)
+  colors = PALETTE[jnp.argsort(u["palette"])[:n]] * between(u["shade"], 0.8, 1.0)[:, None]
+  depth = jnp.argsort(u["depth"]).astype(jnp.int32)
 
-  kb = jax.random.split(keys[9], 5)
-  bg_base = jax.random.uniform(kb[0], (3,), minval=-0.65, maxval=-0.25)
-  angle = jax.random.uniform(kb[1], (2,), maxval=2 * jnp.pi)
-  freq = jax.random.uniform(kb[2], (2,), minval=0.6, maxval=2.0)          # cycles per frame size
-  drift = jax.random.uniform(kb[3], (2,), minval=0.08, maxval=0.25)       # radians per frame
-  drift = drift * jnp.array([1.0, -1.0])
-  phase0 = jax.random.uniform(kb[4], (2,), maxval=2 * jnp.pi)
+  bg_base = between(u["bg_base"], -0.65, -0.25)
+  angle = 2 * jnp.pi * u["angle"]
+  freq = between(u["freq"], 0.6, 2.0)                                     # cycles per frame size
+  drift = between(u["drift"], 0.08, 0.25) * jnp.array([1.0, -1.0])        # radians per frame
+  phase0 = 2 * jnp.pi * u["phase0"]
   bg_waves = jnp.stack([freq * jnp.sin(angle), freq * jnp.cos(angle), drift, phase0], -1)
-  bg_colors = jax.random.uniform(jax.random.fold_in(kb[0], 1), (2, 3), minval=0.05, maxval=0.2)
+  bg_colors = between(u["bg_colors"], 0.05, 0.2)
   return Scene(centers=centers, radius=radius, colors=colors, present=present, depth=depth,
                bg_base=bg_base, bg_waves=bg_waves, bg_colors=bg_colors)
 

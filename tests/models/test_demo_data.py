@@ -45,7 +45,7 @@ def test_deterministic_per_key_and_keys_differ(batch):
 
 
 def test_labels_cover_all_classes():
-  _, labels = dd.sample_batch(jax.random.key(7), 2048, 2, 8, 8)
+  _, labels = dd.sample_batch(jax.random.key(7), 1024, 1, 4, 4)
   counts = np.bincount(np.asarray(labels), minlength=dd.NUM_CLASSES)
   assert counts.shape == (dd.NUM_CLASSES,) and counts.min() > 0
 
@@ -63,9 +63,9 @@ def test_label_codec():
 
 @pytest.mark.parametrize("motion", range(dd.NUM_MOTIONS), ids=lambda m: dd.MOTIONS[m])
 def test_trajectories_follow_motion_type(motion):
-  frames = 16
+  frames = F
   for seed in range(4):
-    scene = dd.scene_for_label(jax.random.key(seed), dd.label_of(6, motion), frames, 32, 32)
+    scene = dd.scene_for_label(jax.random.key(seed), dd.label_of(6, motion), frames, H, W)
     step = np.diff(np.asarray(scene.centers), axis=0)           # [F-1, N, 2] (dy, dx)
     dy, dx = np.abs(step[..., 0]), np.abs(step[..., 1])
     if dd.MOTIONS[motion] == "horizontal":
@@ -84,7 +84,7 @@ def test_trajectories_follow_motion_type(motion):
       assert (dx.max(0) > 0.5).all()
     # Everything stays inside the frame.
     centers = np.asarray(scene.centers)
-    assert (centers >= 0).all() and (centers[..., 0] <= 32).all() and (centers[..., 1] <= 32).all()
+    assert (centers >= 0).all() and (centers[..., 0] <= H).all() and (centers[..., 1] <= W).all()
 
 
 def test_rendered_shapes_match_label():
@@ -104,8 +104,8 @@ def test_rendered_shapes_match_label():
 
 
 def test_anti_aliased_edges():
-  video = np.asarray(dd.video_for_label(jax.random.key(0), dd.label_of(0, 0), F, 32, 32))
-  scene = dd.scene_for_label(jax.random.key(0), dd.label_of(0, 0), F, 32, 32)
+  video = np.asarray(dd.video_for_label(jax.random.key(0), dd.label_of(0, 0), F, H, W))
+  scene = dd.scene_for_label(jax.random.key(0), dd.label_of(0, 0), F, H, W)
   color = np.asarray(scene.colors[0])[:, None, None]
   frame = video[:, 0]
   inside = np.all(np.abs(frame - color) < 1e-5, axis=0).sum()
