@@ -1,0 +1,40 @@
+"""Block-sparse attention and sparsity-map kernels for MOD-DiT (JAX / Pallas).
+
+Public API:
+  block_sparse_attention(q, k, v, block_mask, *, block_size=128, sm_scale=None,
+                         implementation=None, interpret=False) -> out
+  block_sparse_attention_with_map(q, k, v, block_mask, *, block_size=128,
+                                  threshold=1e-4, ...) -> (out, S)
+  sparsity_map(q, k, *, block_size=128, threshold=1e-4, block_mask=None, ...) -> S
+  BlockTable, compact_block_mask, block_mask_from_table: the compacted mask.
+  block_sparse_attention_reference: dense float32 oracle.
+  IMPLEMENTATIONS: backend names accepted by `implementation=`.
+"""
+
+from pallas_kernels.api import (
+    IMPLEMENTATIONS,
+    block_sparse_attention,
+    block_sparse_attention_with_map,
+    default_implementation,
+    sparsity_map,
+)
+from pallas_kernels.attention_reference import block_sparse_attention_reference
+from pallas_kernels.block_table import (
+    BlockTable,
+    block_mask_from_table,
+    compact_block_mask,
+    dense_block_table,
+)
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "BlockTable",
+    "block_mask_from_table",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "block_sparse_attention_with_map",
+    "compact_block_mask",
+    "default_implementation",
+    "dense_block_table",
+    "sparsity_map",
+]

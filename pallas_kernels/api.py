@@ -1,0 +1,263 @@
+"""Public entry points: validation, mask -> table, and backend dispatch.
+
+Backends live one per module and are picked by `implementation=`:
+
+  "xla"        plain XLA gather (every device, any head_dim; the fallback),
+  "triton"     Pallas GPU through the Triton lowering,
+  "tpu"        Pallas Mosaic TPU with scalar-prefetched tables,
+  "reference"  dense masked float32 attention (the test oracle; slow),
+  None         the best for the device: tpu on TPU, triton on GPU for
+               head_dim in {64, 128} and 16-bit dtypes, else xla.
+
+Each attention module provides `block_sparse_attention_fwd(q, k, v, table, *,
+block_size, sm_scale, interpret) -> (out, lse)` and `block_sparse_lse(q, k,
+table, ...) -> lse`; each map module provides `sparsity_map_from_lse(q, k, lse,
+table, *, block_size, threshold, sm_scale, interpret)`. A new backend is one
+line in `_BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_table import (BlockTable, check_block_table, compact_block_mask,
+                                        dense_block_table)
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "BLOCK_SIZES",
+    "default_implementation",
+    "block_sparse_attention",
+    "block_sparse_attention_with_map",
+    "sparsity_map",
+]
+
+# name -> (attention module, sparsity-map module), both under pallas_kernels.
+_BACKENDS = {
+    "xla": ("attention_xla", "map_xla"),
+    "triton": ("attention_triton", "map_triton"),
+    "tpu": ("attention_tpu", "map_tpu"),
+    "reference": ("attention_reference", "map_reference"),
+}
+IMPLEMENTATIONS = tuple(_BACKENDS)
+_PALLAS = ("triton", "tpu")               # backends with a head_dim restriction
+BLOCK_SIZES = (64, 128)
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+MaskLike = Union[jax.Array, BlockTable, None]
+
+
+def default_implementation(dtype, head_dim: int) -> str:
+  """The backend `implementation=None` resolves to on the default device."""
+  platform = jax.default_backend()
+  if platform == "tpu" and head_dim in HEAD_DIMS:
+    return "tpu"
+  if (platform == "gpu" and head_dim in HEAD_DIMS
+      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    return "triton"
+  return "xla"
+
+
+def _attention_module(implementation: str):
+  return importlib.import_module(f"pallas_kernels.{_BACKENDS[implementation][0]}")
+
+
+def _map_module(implementation: str):
+  """The map pass of `implementation`, falling back to xla, then reference."""
+  names = [_BACKENDS[implementation][1], _BACKENDS["xla"][1], _BACKENDS["reference"][1]]
+  for name in dict.fromkeys(names):
+    try:
+      return importlib.import_module(f"pallas_kernels.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"pallas_kernels.{name}":
+        raise
+  raise NotImplementedError(
+      f"no sparsity-map backend is available for implementation={implementation!r} "
+      f"(looked for pallas_kernels.{', pallas_kernels.'.join(dict.fromkeys(names))})")
+
+
+def _validate_qkv(q, k, v, *, block_size, implementation, need_v=True):
+  names = ("q", "k", "v") if need_v else ("q", "k")
+  arrays = (q, k, v) if need_v else (q, k)
+  for name, x in zip(names, arrays):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise ValueError(f"{name} must be an array [batch, seq_len, heads, head_dim], "
+                       f"got {type(x).__name__}")
+    if x.ndim != 4:
+      raise ValueError(f"{name} must be rank 4 [batch, seq_len, heads, head_dim], "
+                       f"got shape {tuple(x.shape)}")
+  for name, x in zip(names[1:], arrays[1:]):
+    if x.shape != q.shape:
+      raise ValueError(f"{name}.shape {tuple(x.shape)} must equal q.shape "
+                       f"{tuple(q.shape)} (self-attention, same heads and head_dim)")
+    if x.dtype != q.dtype:
+      raise ValueError(f"q, k{', v' if need_v else ''} must share one dtype, got "
+                       f"q {q.dtype} and {name} {x.dtype}")
+  if jnp.dtype(q.dtype) not in DTYPES:
+    raise ValueError(f"q/k/v dtype must be one of bfloat16, float16, float32, "
+                     f"got {q.dtype}")
+  if block_size not in BLOCK_SIZES:
+    raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  head_dim = q.shape[-1]
+  if implementation in _PALLAS and head_dim not in HEAD_DIMS:
+    raise ValueError(f"implementation={implementation!r} supports head_dim in "
+                     f"{HEAD_DIMS}, got head_dim={head_dim}; use implementation='xla'")
+
+
+def _broadcastable(lead, batch, heads):
+  return len(lead) == 2 and lead[0] in (1, batch) and lead[1] in (1, heads)
+
+
+def _to_table(block_mask: MaskLike, batch: int, heads: int, n: int,
+              *, broadcast: bool) -> Optional[BlockTable]:
+  """Validates `block_mask` and returns its BlockTable (None for dense)."""
+  if block_mask is None:
+    return None
+  if isinstance(block_mask, BlockTable):
+    check_block_table(block_mask, n, name="block_mask")
+    lead = block_mask.indices.shape[:-2]
+    if not _broadcastable(lead, batch, heads):
+      raise ValueError(
+          f"block_mask (BlockTable) leading dims must be [batch, heads] = "
+          f"[{batch}, {heads}] (or 1 to broadcast), got indices shape "
+          f"{tuple(block_mask.indices.shape)}")
+    table = block_mask
+  else:
+    if not hasattr(block_mask, "shape"):
+      raise ValueError(f"block_mask must be a bool array [batch, heads, n, n], a "
+                       f"BlockTable or None, got {type(block_mask).__name__}")
+    if block_mask.dtype != jnp.bool_:
+      raise ValueError(f"block_mask must be bool, got {block_mask.dtype}")
+    shape = tuple(block_mask.shape)
+    if len(shape) != 4 or shape[-2:] != (n, n) or not _broadcastable(shape[:2], batch, heads):
+      raise ValueError(
+          f"block_mask must have shape [batch, heads, n, n] = [{batch}, {heads}, {n}, {n}] "
+          f"(n = ceil(seq_len / block_size); batch/heads may be 1), got {shape}")
+    table = compact_block_mask(block_mask)
+  if broadcast:
+    table = table.broadcast_to((batch, heads))
+  return table
+
+
+def _dense_table(n):
+  """All-active table with broadcastable [1, 1] leading dims."""
+  return dense_block_table((1, 1), n)
+
+
+def _resolve(q, implementation, sm_scale):
+  impl = implementation or default_implementation(q.dtype, q.shape[-1])
+  scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  return impl, scale
+
+
+def _fwd(q, k, v, block_mask, *, block_size, sm_scale, implementation, interpret):
+  b, s, h, _ = q.shape
+  n = -(-s // block_size)
+  impl, scale = _resolve(q, implementation, sm_scale)
+  table = _to_table(block_mask, b, h, n, broadcast=False)
+  kernel_table = table if table is not None else _dense_table(n)
+  out, lse = _attention_module(impl).block_sparse_attention_fwd(
+      q, k, v, kernel_table, block_size=block_size, sm_scale=scale,
+      interpret=interpret)
+  return out, lse, table, impl, scale
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "sm_scale", "implementation", "interpret"))
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                           block_mask: MaskLike, *, block_size: int = 128,
+                           sm_scale: Optional[float] = None,
+                           implementation: Optional[str] = None,
+                           interpret: bool = False) -> jax.Array:
+  """Block-sparse softmax attention.
+
+  Args:
+    q, k, v: [B, S, H, D] (like jax.nn.dot_product_attention), one dtype of
+      bfloat16, float16, float32. The Pallas backends need D in {64, 128}.
+    block_mask: bool [B, H, n, n] with n = ceil(S / block_size) (B or H may be
+      1 to broadcast), or a BlockTable, or None for dense attention.
+    block_size: 64 or 128 tokens per mask block.
+    sm_scale: softmax scale, default 1 / sqrt(D).
+    implementation: one of IMPLEMENTATIONS or None (best for the device).
+    interpret: run the Pallas backends in interpret mode (CPU testing).
+  Returns:
+    [B, S, H, D] in q.dtype. Keys past S never count; a query whose mask row
+    is empty gets zeros.
+  """
+  _validate_qkv(q, k, v, block_size=block_size, implementation=implementation)
+  return _fwd(q, k, v, block_mask, block_size=block_size, sm_scale=sm_scale,
+              implementation=implementation, interpret=interpret)[0]
+
+
+def _map(q, k, lse, table, *, impl, block_size, threshold, scale, interpret):
+  return _map_module(impl).sparsity_map_from_lse(
+      q, k, lse, table, block_size=block_size, threshold=threshold,
+      sm_scale=scale, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "threshold", "sm_scale", "implementation", "interpret"))
+def block_sparse_attention_with_map(
+    q: jax.Array, k: jax.Array, v: jax.Array, block_mask: MaskLike, *,
+    block_size: int = 128, threshold: float = 1e-4,
+    sm_scale: Optional[float] = None, implementation: Optional[str] = None,
+    interpret: bool = False):
+  """Block-sparse attention plus the sparsity map of the same blocks.
+
+  One flash pass (which also yields the row log-sum-exp) and one QK-only map
+  pass over the same table. Arguments as in `block_sparse_attention`;
+  `threshold` is the probability below which an entry counts as negligible.
+
+  Returns:
+    (out [B, S, H, D] in q.dtype, S float32 [B, H, n, n]); with block_mask
+    given, S is NaN on inactive blocks (see the map backends).
+  """
+  _validate_qkv(q, k, v, block_size=block_size, implementation=implementation)
+  out, lse, table, impl, scale = _fwd(
+      q, k, v, block_mask, block_size=block_size, sm_scale=sm_scale,
+      implementation=implementation, interpret=interpret)
+  b, _, h, _ = q.shape
+  if table is not None:
+    table = table.broadcast_to((b, h))
+  smap = _map(q, k, lse, table, impl=impl, block_size=block_size,
+              threshold=threshold, scale=scale, interpret=interpret)
+  return out, smap
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "threshold", "sm_scale", "implementation", "interpret"))
+def sparsity_map(q: jax.Array, k: jax.Array, *, block_size: int = 128,
+                 threshold: float = 1e-4, block_mask: MaskLike = None,
+                 sm_scale: Optional[float] = None,
+                 implementation: Optional[str] = None,
+                 interpret: bool = False) -> jax.Array:
+  """The MOD-DiT sparsity map S [B, H, n, n] (float32).
+
+  S[i, j] = fraction of the valid (query, key) pairs of block (i, j) whose
+  softmax probability is below `threshold`, with the softmax over the row's
+  active blocks (all blocks when block_mask is None). Runs an lse-only flash
+  pass (no V) and then the map pass; inactive blocks are NaN.
+  """
+  _validate_qkv(q, k, None, block_size=block_size, implementation=implementation,
+                need_v=False)
+  b, s, h, _ = q.shape
+  n = -(-s // block_size)
+  impl, scale = _resolve(q, implementation, sm_scale)
+  table = _to_table(block_mask, b, h, n, broadcast=False)
+  kernel_table = table if table is not None else _dense_table(n)
+  lse = _attention_module(impl).block_sparse_lse(
+      q, k, kernel_table, block_size=block_size, sm_scale=scale, interpret=interpret)
+  if table is not None:
+    table = table.broadcast_to((b, h))
+  return _map(q, k, lse, table, impl=impl, block_size=block_size,
+              threshold=threshold, scale=scale, interpret=interpret)
