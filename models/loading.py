@@ -1,0 +1,298 @@
+"""Weights in and out: diffusers `WanTransformer3DModel` checkpoints and our own.
+
+A diffusers transformer folder holds config.json plus either
+diffusion_pytorch_model.safetensors or shards listed in
+diffusion_pytorch_model.safetensors.index.json. Tensor names map to our params
+almost by identity (our modules keep diffusers' names):
+
+  blocks.{i}.X               <-> blocks_{i}.X (loop layout) or blocks.X[i] (scanned)
+  *.to_out.0                 <-> *.to_out
+  blocks.{i}.ffn.net.0.proj  <-> ffn.proj_in
+  blocks.{i}.ffn.net.2       <-> ffn.proj_out
+  *.weight of a Linear       <-> *.kernel, transposed
+  *.weight of a norm         <-> *.scale
+  patch_embedding.weight     <-> patch_embedding.kernel: Conv3d [dim, C, pt, ph, pw]
+                                 <-> Dense [pt*ph*pw*C, dim] (our patch order)
+
+Our own checkpoints (`save_params` / `load_params`) are one safetensors file of
+flat dotted param paths plus a json file of the `DiTConfig` beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from models.config import DiTConfig
+from models.wan import param_shapes
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+_DIFFUSERS_BOOKKEEPING = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0"}
+# diffusers itself ignores these on load (`_keys_to_ignore_on_load_unexpected`).
+_IGNORED_UNEXPECTED = ("norm_added_q",)
+# Our module path (suffix) -> diffusers module path.
+_MODULE_RENAMES = (("to_out", "to_out.0"), ("ffn.proj_in", "ffn.net.0.proj"),
+                   ("ffn.proj_out", "ffn.net.2"))
+_BLOCK = re.compile(r"^blocks_(\d+)$")
+_LIST_LIMIT = 20
+
+
+# ------------------------------------------------------------ layer layouts
+
+def stack_blocks(params: Mapping[str, Any], num_layers: int) -> dict:
+  """Loop layout (blocks_0 ... blocks_{L-1}) -> scanned layout (blocks, leading L axis)."""
+  names = [f"blocks_{i}" for i in range(num_layers)]
+  missing = [n for n in names if n not in params]
+  if missing:
+    raise ValueError(f"params lack the per-layer subtrees {missing} (num_layers={num_layers})")
+  out = {k: v for k, v in params.items() if not _BLOCK.match(k)}
+  out["blocks"] = jax.tree.map(_stack, *(params[n] for n in names))
+  return out
+
+
+def _stack(*layers):
+  # Host arrays stay on the host (checkpoint loading); device arrays stay on device.
+  if all(isinstance(a, np.ndarray) for a in layers):
+    return np.stack(layers)
+  return jnp.stack(layers)
+
+
+def unstack_blocks(params: Mapping[str, Any], num_layers: int) -> dict:
+  """Scanned layout (blocks, leading L axis) -> loop layout (blocks_0 ... blocks_{L-1})."""
+  if "blocks" not in params:
+    raise ValueError("params lack the scanned 'blocks' subtree")
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(num_layers):
+    out[f"blocks_{i}"] = jax.tree.map(lambda a: a[i], params["blocks"])
+  return out
+
+
+def _to_layout(params: Mapping[str, Any], config: DiTConfig, scan_layers: bool) -> dict:
+  is_scanned = "blocks" in params
+  if is_scanned == scan_layers:
+    return dict(params)
+  convert = stack_blocks if scan_layers else unstack_blocks
+  return convert(params, config.num_layers)
+
+
+# ----------------------------------------------------------- name mapping
+
+def _diffusers_name(path: tuple[str, ...]) -> str:
+  """Our loop-layout param path -> diffusers tensor name."""
+  *modules, leaf = path
+  if modules and (m := _BLOCK.match(modules[0])):
+    modules[0] = f"blocks.{m.group(1)}"
+  module = ".".join(modules)
+  for ours, theirs in _MODULE_RENAMES:
+    if module == ours or module.endswith("." + ours):
+      module = module[: len(module) - len(ours)] + theirs
+  leaf = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+  return f"{module}.{leaf}" if module else leaf
+
+
+def _patch_order(config: DiTConfig) -> tuple[int, ...]:
+  return (*config.patch_size, config.in_channels)
+
+
+def _to_diffusers(path: tuple[str, ...], array: np.ndarray, config: DiTConfig) -> np.ndarray:
+  if path == ("patch_embedding", "kernel"):  # [pt*ph*pw*C, dim] -> [dim, C, pt, ph, pw]
+    return array.reshape(*_patch_order(config), -1).transpose(4, 3, 0, 1, 2)
+  if path[-1] == "kernel":
+    return array.T
+  return array
+
+
+def _from_diffusers(path: tuple[str, ...], array: np.ndarray, config: DiTConfig) -> np.ndarray:
+  if path == ("patch_embedding", "kernel"):  # [dim, C, pt, ph, pw] -> [pt*ph*pw*C, dim]
+    return array.transpose(2, 3, 4, 1, 0).reshape(-1, array.shape[0])
+  if path[-1] == "kernel":
+    return array.T
+  return array
+
+
+def _diffusers_shape(path: tuple[str, ...], shape: tuple[int, ...], config: DiTConfig):
+  return _to_diffusers(path, np.empty(shape, np.int8), config).shape
+
+
+def _loop_layout_shapes(config: DiTConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+  return traverse_util.flatten_dict(param_shapes(dataclasses.replace(config, scan_layers=False)))
+
+
+def _names_list(names) -> str:
+  names = sorted(names)
+  more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
+  return ", ".join(names[:_LIST_LIMIT]) + more
+
+
+def _check_names(expected, found, where: str):
+  missing, unexpected = set(expected) - set(found), set(found) - set(expected)
+  if missing or unexpected:
+    lines = [f"tensors of {where} do not match the model:"]
+    if missing:
+      lines.append(f"  missing ({len(missing)}): {_names_list(missing)}")
+    if unexpected:
+      lines.append(f"  unexpected ({len(unexpected)}): {_names_list(unexpected)}")
+    raise ValueError("\n".join(lines))
+
+
+def _check_shape(name: str, expected, actual, where: str):
+  if tuple(expected) != tuple(actual):
+    raise ValueError(f"tensor {name!r} in {where}: expected shape {tuple(expected)}, "
+                     f"got {tuple(actual)}")
+
+
+def _to_device(flat: dict[tuple[str, ...], np.ndarray], config: DiTConfig):
+  """Host arrays in the loop layout -> device params in config's dtype and layout
+  (cast and stacked on the host, so the device holds each tensor once)."""
+  flat = {p: np.asarray(a).astype(config.param_dtype, copy=False) for p, a in flat.items()}
+  params = _to_layout(traverse_util.unflatten_dict(flat), config, config.scan_layers)
+  return jax.tree.map(jnp.asarray, params)
+
+
+# -------------------------------------------------------------- diffusers
+
+def _transformer_dir(path: Path) -> Path:
+  if not path.exists():
+    raise FileNotFoundError(f"no diffusers transformer at {str(path)!r}: path does not exist")
+  if not (path / CONFIG_NAME).exists() and (path / "transformer" / CONFIG_NAME).exists():
+    return path / "transformer"  # a pipeline folder
+  if not (path / CONFIG_NAME).exists():
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r} (nor in its transformer/ folder)")
+  return path
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+  """Tensor name -> the safetensors file that holds it."""
+  if (folder / INDEX_NAME).exists():
+    weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+    files = {name: folder / file for name, file in weight_map.items()}
+    for file in sorted(set(files.values())):
+      if not file.exists():
+        raise FileNotFoundError(f"shard {str(file)!r} listed in {str(folder / INDEX_NAME)!r} "
+                                f"does not exist")
+    return files
+  if not (folder / WEIGHTS_NAME).exists():
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(folder)!r}")
+  with safe_open(folder / WEIGHTS_NAME, framework="np") as f:
+    return {name: folder / WEIGHTS_NAME for name in f.keys()}
+
+
+def load_diffusers_transformer(path, **overrides) -> tuple[DiTConfig, Any]:
+  """Reads a diffusers `WanTransformer3DModel` folder (or a pipeline folder with a
+  transformer/ subfolder). overrides set our own config fields (dtype,
+  param_dtype, scan_layers, remat). Returns (config, params) with params in
+  config.param_dtype and in the layer layout config.scan_layers asks for."""
+  folder = _transformer_dir(Path(path))
+  config = DiTConfig.from_diffusers_config(json.loads((folder / CONFIG_NAME).read_text()),
+                                           **overrides)
+  shapes = _loop_layout_shapes(config)
+  names = {_diffusers_name(p): p for p in shapes}
+  files = _weight_files(folder)
+  found = [n for n in files if not any(ignored in n for ignored in _IGNORED_UNEXPECTED)]
+  _check_names(names, found, str(folder))
+
+  flat = {}
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in set(files.values())}
+    for name, p in names.items():
+      handle = handles[files[name]]
+      _check_shape(name, _diffusers_shape(p, shapes[p].shape, config),
+                   handle.get_slice(name).get_shape(), str(files[name]))
+      flat[p] = _from_diffusers(p, handle.get_tensor(name), config)
+  return config, _to_device(flat, config)
+
+
+def _check_params(config: DiTConfig, params, where: str) -> dict[tuple[str, ...], Any]:
+  """params (either layout) -> flat loop layout, validated against the config."""
+  flat = traverse_util.flatten_dict(_to_layout(params, config, scan_layers=False))
+  shapes = _loop_layout_shapes(config)
+  dotted = lambda p: ".".join(p)
+  _check_names({dotted(p) for p in shapes}, {dotted(p) for p in flat}, where)
+  for p, leaf in flat.items():
+    _check_shape(dotted(p), shapes[p].shape, np.shape(leaf), where)
+  return flat
+
+
+def save_diffusers_transformer(config: DiTConfig, params, path, *,
+                               max_shard_size: int = 10 * 2**30) -> None:
+  """Writes config.json and the weights as diffusers lays them out, sharded (with
+  an index json) when they exceed max_shard_size bytes. Weights keep their dtype."""
+  folder = Path(path)
+  flat = _check_params(config, params, "params")
+  tensors = {_diffusers_name(p): np.ascontiguousarray(_to_diffusers(p, np.asarray(leaf), config))
+             for p, leaf in flat.items()}
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / CONFIG_NAME).write_text(
+      json.dumps({**_DIFFUSERS_BOOKKEEPING, **config.to_diffusers_config()}, indent=2) + "\n")
+
+  shards, size = [{}], 0
+  for name in sorted(tensors):
+    nbytes = tensors[name].nbytes
+    if shards[-1] and size + nbytes > max_shard_size:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += nbytes
+  metadata = {"format": "pt"}
+  if len(shards) == 1:
+    save_file(shards[0], folder / WEIGHTS_NAME, metadata=metadata)
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards, start=1):
+    file = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, folder / file, metadata=metadata)
+    weight_map.update({name: file for name in shard})
+  index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+           "weight_map": weight_map}
+  (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------- our own
+
+def _checkpoint_paths(path) -> tuple[Path, Path]:
+  path = Path(path)
+  if path.suffix != ".safetensors":
+    raise ValueError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
+  return path, path.with_suffix(".json")
+
+
+def save_params(config: DiTConfig, params, path) -> None:
+  """Writes params as path (safetensors, flat dotted keys, loop layout) and the
+  config as the .json file beside it."""
+  weights, config_file = _checkpoint_paths(path)
+  flat = _check_params(config, params, "params")
+  weights.parent.mkdir(parents=True, exist_ok=True)
+  save_file({".".join(p): np.ascontiguousarray(np.asarray(leaf)) for p, leaf in flat.items()},
+            weights)
+  config_file.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def load_params(path, **overrides) -> tuple[DiTConfig, Any]:
+  """Reads a `save_params` checkpoint; overrides replace config fields (e.g.
+  scan_layers, dtype). Returns (config, params) in config.param_dtype and layout."""
+  weights, config_file = _checkpoint_paths(path)
+  for file in (weights, config_file):
+    if not file.exists():
+      raise FileNotFoundError(f"checkpoint file {str(file)!r} does not exist")
+  config = DiTConfig.from_dict(json.loads(config_file.read_text()), **overrides)
+  shapes = _loop_layout_shapes(config)
+  with safe_open(weights, framework="np") as f:
+    stored = {tuple(name.split(".")): f.get_tensor(name) for name in f.keys()}
+  dotted = lambda p: ".".join(p)
+  _check_names({dotted(p) for p in shapes}, {dotted(p) for p in stored}, str(weights))
+  for p, array in stored.items():
+    _check_shape(dotted(p), shapes[p].shape, array.shape, str(weights))
+  return config, _to_device(stored, config)

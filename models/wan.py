@@ -1,0 +1,295 @@
+"""Wan2.1 video DiT in Flax Linen, following diffusers' `WanTransformer3DModel`.
+
+Submodules keep diffusers' names (patch_embedding, condition_embedder,
+blocks.attn1.to_q, ...) so that weight conversion is a near-identity rename;
+`models.loading` holds the few exceptions. Mixed precision follows diffusers:
+the residual stream and the matrix products run in `config.dtype`, while
+LayerNorms, QK RMSNorms, the time embedder, the adaLN modulation and the gated
+residual adds run in float32.
+
+Self-attention is delegated to `models.attention.self_attention` with one
+layer's slice of an `AttentionControl`; its per-layer statistics come back
+stacked on a leading layer axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import attention
+from models.config import DiTConfig
+from models.rope import apply_rope, rope_tables
+
+f32 = jnp.float32
+
+
+# ------------------------------------------------------------------ patches
+
+def patchify(latents: jnp.ndarray, patch_size: tuple[int, int, int]) -> jnp.ndarray:
+  """[B, C, F, H, W] -> tokens [B, S, pt*ph*pw*C], frame-major, then row, then column."""
+  batch, channels, frames, height, width = latents.shape
+  pt, ph, pw = patch_size
+  x = latents.reshape(batch, channels, frames // pt, pt, height // ph, ph, width // pw, pw)
+  x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)  # B, F', H', W', pt, ph, pw, C
+  return x.reshape(batch, -1, pt * ph * pw * channels)
+
+
+def unpatchify(tokens: jnp.ndarray, patch_size: tuple[int, int, int],
+               grid: tuple[int, int, int]) -> jnp.ndarray:
+  """Inverse of `patchify`: [B, S, pt*ph*pw*C] -> [B, C, F, H, W] (diffusers' output order)."""
+  batch = tokens.shape[0]
+  (pt, ph, pw), (gt, gh, gw) = patch_size, grid
+  x = tokens.reshape(batch, gt, gh, gw, pt, ph, pw, -1)
+  x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)  # B, C, F', pt, H', ph, W', pw
+  return x.reshape(batch, -1, gt * pt, gh * ph, gw * pw)
+
+
+def timestep_embedding(timestep: jnp.ndarray, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding [B, dim], (cos, sin) halves: diffusers' `Timesteps` with
+  flip_sin_to_cos=True, downscale_freq_shift=0."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=f32) / half)
+  angles = timestep.astype(f32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+# ------------------------------------------------------------------- layers
+
+class FP32LayerNorm(nn.Module):
+  """LayerNorm over the last axis in float32 (returns float32); affine is optional."""
+  eps: float
+  affine: bool = False
+  param_dtype: Any = f32
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(f32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.affine:
+      dim = x.shape[-1]
+      y = y * self.param("scale", nn.initializers.ones, (dim,), self.param_dtype).astype(f32)
+      y = y + self.param("bias", nn.initializers.zeros, (dim,), self.param_dtype).astype(f32)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with a learned scale, computed in float32, returned in x.dtype."""
+  eps: float
+  param_dtype: Any = f32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    y = x.astype(f32)
+    y = y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + self.eps)
+    return (y * scale.astype(f32)).astype(x.dtype)
+
+
+class MLP(nn.Module):
+  """linear_1 -> activation -> linear_2 (diffusers' TimestepEmbedding and
+  PixArtAlphaTextProjection)."""
+  features: int
+  activation: Any
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda name: nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  name=name)
+    return dense("linear_2")(self.activation(dense("linear_1")(x)))
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+class WanConditionEmbedder(nn.Module):
+  """Timestep -> (temb [B, dim], modulation [B, 6, dim]); text -> context [B, L, dim]."""
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, timestep, text):
+    cfg = self.config
+    t = timestep_embedding(timestep, cfg.freq_dim)
+    # diffusers keeps the time embedder in float32, then casts to the compute dtype.
+    temb = MLP(cfg.dim, nn.silu, f32, cfg.param_dtype, name="time_embedder")(t).astype(cfg.dtype)
+    modulation = nn.Dense(6 * cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                          name="time_proj")(nn.silu(temb))
+    context = MLP(cfg.dim, _gelu_tanh, cfg.dtype, cfg.param_dtype,
+                  name="text_embedder")(text.astype(cfg.dtype))
+    return temb, modulation.reshape(-1, 6, cfg.dim), context
+
+
+class WanAttention(nn.Module):
+  """Self-attention (with RoPE, through `models.attention.self_attention`) when
+  context is None, else cross-attention to the context. QK RMSNorm across heads."""
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, x, context=None, rope=None, control=None):
+    cfg = self.config
+    dense = lambda name: nn.Dense(cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    kv_input = x if context is None else context
+    q = RMSNorm(cfg.eps, cfg.param_dtype, name="norm_q")(dense("to_q")(x))
+    k = RMSNorm(cfg.eps, cfg.param_dtype, name="norm_k")(dense("to_k")(kv_input))
+    v = dense("to_v")(kv_input)
+    heads = lambda t: t.reshape(*t.shape[:2], cfg.num_heads, cfg.head_dim)
+    q, k, v = heads(q), heads(k), heads(v)
+    if context is None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+      out, stats = attention.self_attention(q, k, v, control)
+    else:
+      implementation = control.implementation if control is not None else None
+      out, stats = attention.dense_attention(q, k, v, implementation=implementation), {}
+    out = out.reshape(*x.shape[:2], cfg.dim)
+    return dense("to_out")(out), stats
+
+
+class FeedForward(nn.Module):
+  """proj_in -> GELU(tanh) -> proj_out (diffusers' ffn.net.0.proj / ffn.net.2)."""
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    x = nn.Dense(cfg.ffn_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj_in")(x)
+    return nn.Dense(cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    name="proj_out")(_gelu_tanh(x))
+
+
+def _table_init(dim):
+  return nn.initializers.normal(stddev=dim ** -0.5)
+
+
+class WanTransformerBlock(nn.Module):
+  """adaLN-modulated self-attention, cross-attention and FFN. Returns (x, stats)."""
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, x, context, modulation, rope, control):
+    cfg = self.config
+    table = self.param("scale_shift_table", _table_init(cfg.dim), (1, 6, cfg.dim), cfg.param_dtype)
+    shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(
+        table.astype(f32) + modulation.astype(f32), 6, axis=1)  # each [B, 1, dim]
+
+    h = FP32LayerNorm(cfg.eps, name="norm1")(x) * (1 + scale) + shift
+    out, stats = WanAttention(cfg, name="attn1")(h.astype(cfg.dtype), rope=rope, control=control)
+    x = (x.astype(f32) + out.astype(f32) * gate).astype(cfg.dtype)
+
+    h = x
+    if cfg.cross_attn_norm:
+      h = FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype, name="norm2")(x)
+    out, _ = WanAttention(cfg, name="attn2")(h.astype(cfg.dtype), context=context)
+    x = x + out
+
+    h = FP32LayerNorm(cfg.eps, name="norm3")(x) * (1 + c_scale) + c_shift
+    out = FeedForward(cfg, name="ffn")(h.astype(cfg.dtype))
+    x = (x.astype(f32) + out.astype(f32) * c_gate).astype(cfg.dtype)
+    return x, stats
+
+
+def _layer_slice(control, i):
+  return jax.tree.map(lambda a: a[i], control)
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+# -------------------------------------------------------------------- model
+
+class WanDiT(nn.Module):
+  """The velocity model: (latents, timestep, text context, control) -> (velocity, stats).
+
+  latents [B, C_in, F, H, W], timestep [B] (or a scalar) in 0..1000, context
+  [B, L, text_dim]; control carries the per-layer attention choices with a
+  leading layer axis (None: dense). Returns velocity [B, C_out, F, H, W] in
+  config.dtype and the per-layer attention statistics stacked [L, ...]
+  (an empty dict for dense attention).
+  """
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, latents, timestep, context,
+               control: Optional[attention.AttentionControl] = None):
+    cfg = self.config
+    if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
+      raise ValueError(
+          f"latents must be [B, {cfg.in_channels}, F, H, W], got shape {latents.shape}")
+    batch = latents.shape[0]
+    timestep = jnp.asarray(timestep)
+    if timestep.ndim == 0:
+      timestep = jnp.broadcast_to(timestep, (batch,))
+    if timestep.shape != (batch,):
+      raise ValueError(f"timestep must be [B={batch}] or a scalar, got shape {timestep.shape}")
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.text_dim:
+      raise ValueError(
+          f"context must be [B={batch}, L, {cfg.text_dim}], got shape {context.shape}")
+
+    grid = cfg.grid(*latents.shape[2:])
+    rope = tuple(jnp.asarray(t) for t in
+                 rope_tables(grid, cfg.head_dim, max_seq_len=cfg.rope_max_seq_len))
+
+    x = patchify(latents.astype(cfg.dtype), cfg.patch_size)
+    x = nn.Dense(cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="patch_embedding")(x)
+    temb, modulation, context = WanConditionEmbedder(cfg, name="condition_embedder")(
+        timestep, context)
+
+    block = WanTransformerBlock
+    if cfg.remat:
+      block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                       length=cfg.num_layers)
+      x, stats = blocks(cfg, name="blocks")(x, context, modulation, rope, control)
+    else:
+      per_layer = []
+      for i in range(cfg.num_layers):
+        x, layer_stats = block(cfg, name=f"blocks_{i}")(
+            x, context, modulation, rope, _layer_slice(control, i))
+        per_layer.append(layer_stats)
+      stats = _stack(per_layer)
+
+    table = self.param("scale_shift_table", _table_init(cfg.dim), (1, 2, cfg.dim), cfg.param_dtype)
+    shift, scale = jnp.split(table.astype(f32) + temb.astype(f32)[:, None, :], 2, axis=1)
+    x = FP32LayerNorm(cfg.eps, name="norm_out")(x) * (1 + scale) + shift
+    x = nn.Dense(cfg.out_channels * math.prod(cfg.patch_size), dtype=cfg.dtype,
+                 param_dtype=cfg.param_dtype, name="proj_out")(x.astype(cfg.dtype))
+    return unpatchify(x, cfg.patch_size, grid), stats
+
+
+# --------------------------------------------------------------- functional
+
+def _dummy_inputs(config: DiTConfig, frames: int, height: int, width: int, text_len: int):
+  latents = jnp.zeros((1, config.in_channels, frames, height, width), config.dtype)
+  return latents, jnp.zeros((1,), f32), jnp.zeros((1, text_len, config.text_dim), config.dtype)
+
+
+def init_params(config: DiTConfig, rng: jax.Array, frames: int, height: int, width: int,
+                text_len: int):
+  """Randomly initialised params for latents [*, C, frames, height, width] and
+  text [*, text_len, text_dim] (the params themselves do not depend on the sizes)."""
+  inputs = _dummy_inputs(config, frames, height, width, text_len)
+  return jax.jit(WanDiT(config).init)(rng, *inputs)["params"]
+
+
+def param_shapes(config: DiTConfig):
+  """The params pytree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+  pt, ph, pw = config.patch_size
+  inputs = _dummy_inputs(config, pt, ph, pw, 1)
+  return jax.eval_shape(WanDiT(config).init, jax.random.key(0), *inputs)["params"]
+
+
+def apply(config: DiTConfig, params, latents, timestep, context,
+          control: Optional[attention.AttentionControl] = None):
+  """Pure forward: returns (velocity [B, C_out, F, H, W], stats stacked [L, ...])."""
+  return WanDiT(config).apply({"params": params}, latents, timestep, context, control)
