@@ -1,0 +1,176 @@
+"""Baseline block masks to compare MOD-DiT against (ALGORITHM.md section 7).
+
+* static window: a Radial/STA-like local spatio-temporal band at block
+  granularity plus an attention sink on the first frames -- a numpy constant;
+* oracle: per head, the blocks with the smallest exact sparsity S of the step
+  (a static count), plus the diagonal guard -- traced.
+
+Block geometry: block i lies in frame i // bpf at within-frame position
+i % bpf (a frame's blocks are contiguous rows of tokens, so the within-frame
+distance of two blocks is |pos(i) - pos(j)| in block units). Blocks past the
+last full frame form one extra, partial frame.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modjax.predict import smallest_k_mask
+
+__all__ = [
+    "static_window_mask", "static_window_for_density", "static_window_spec_for_density",
+    "WindowSpec", "topk_blocks_mask",
+    "resolve_block_count", "mask_density",
+]
+
+
+def _check_geometry(n, blocks_per_frame):
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"n (number of blocks) must be an int >= 1, got {n!r}")
+  if (isinstance(blocks_per_frame, bool) or not isinstance(blocks_per_frame, (int, np.integer))
+      or blocks_per_frame < 1):
+    raise ValueError(f"blocks_per_frame must be an int >= 1, got {blocks_per_frame!r}")
+
+
+def _check_nonneg_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def num_frames(n: int, blocks_per_frame: int) -> int:
+  """Frames spanned by n blocks, a trailing partial frame included."""
+  return -(-n // blocks_per_frame)
+
+
+def static_window_mask(n: int, blocks_per_frame: int, *, spatial_radius: int,
+                       temporal_radius: int, sink_frames: int = 1) -> np.ndarray:
+  """bool [n, n] numpy constant: the local spatio-temporal window.
+
+  Key block j is kept for query block i when
+    |frame(i) - frame(j)| <= temporal_radius and |pos(i) - pos(j)| <= spatial_radius,
+  or frame(j) < sink_frames (every query sees the first frames), or j == i.
+  """
+  _check_geometry(n, blocks_per_frame)
+  _check_nonneg_int("spatial_radius", spatial_radius)
+  _check_nonneg_int("temporal_radius", temporal_radius)
+  _check_nonneg_int("sink_frames", sink_frames)
+  idx = np.arange(n)
+  frame, pos = idx // blocks_per_frame, idx % blocks_per_frame
+  near_t = np.abs(frame[:, None] - frame[None, :]) <= temporal_radius
+  near_s = np.abs(pos[:, None] - pos[None, :]) <= spatial_radius
+  sink = np.broadcast_to(frame[None, :] < sink_frames, (n, n))
+  return (near_t & near_s) | sink | np.eye(n, dtype=bool)
+
+
+class WindowSpec(NamedTuple):
+  """A static window chosen for a density budget (see static_window_for_density)."""
+  n: int
+  blocks_per_frame: int
+  spatial_radius: int
+  temporal_radius: int
+  sink_frames: int
+  density: float
+
+  def mask(self) -> np.ndarray:
+    return static_window_mask(self.n, self.blocks_per_frame, spatial_radius=self.spatial_radius,
+                              temporal_radius=self.temporal_radius, sink_frames=self.sink_frames)
+
+
+def static_window_for_density(n: int, blocks_per_frame: int, target_density: float, *,
+                              sink_frames: int = 1) -> np.ndarray:
+  """bool [n, n] numpy constant: the static window whose density is closest to
+  target_density (budget matching); the radii are `static_window_spec_for_density`."""
+  return static_window_spec_for_density(n, blocks_per_frame, target_density,
+                                        sink_frames=sink_frames).mask()
+
+
+def static_window_spec_for_density(n: int, blocks_per_frame: int, target_density: float, *,
+                                   sink_frames: int = 1) -> WindowSpec:
+  """Radii whose window density is closest to target_density (budget matching).
+
+  Exhaustive over spatial_radius in [0, bpf - 1] and temporal_radius in
+  [0, frames - 1] (larger radii change nothing). Among equally close windows the
+  sparser one wins, then the smaller temporal radius. Targets below the
+  smallest window (radii 0 plus the sink) give that window. With two integer
+  radii the achievable densities are discrete: for video-sized maps the match is
+  within one or two block rows (|error| ~ 1/n to 2/n), coarser for tiny n.
+  """
+  _check_geometry(n, blocks_per_frame)
+  if not 0.0 < target_density <= 1.0:
+    raise ValueError(f"target_density must be in (0, 1], got {target_density!r}")
+  if isinstance(sink_frames, bool) or not isinstance(sink_frames, (int, np.integer)) or sink_frames < 0:
+    raise ValueError(f"sink_frames must be an int >= 0, got {sink_frames!r}")
+  counts = _window_counts(n, blocks_per_frame, sink_frames)  # [frames, min(bpf, n)]
+  density = counts / float(n * n)
+  err = np.abs(density - target_density)
+  best = None
+  for t in range(counts.shape[0]):
+    for s in range(counts.shape[1]):
+      key = (err[t, s], density[t, s], t, s)
+      if best is None or key < best:
+        best = key
+  _, d, t, s = best
+  return WindowSpec(n, blocks_per_frame, int(s), int(t), sink_frames, float(d))
+
+
+def _window_counts(n: int, blocks_per_frame: int, sink_frames: int) -> np.ndarray:
+  """int [frames, min(bpf, n)]: active blocks of static_window_mask(s, t) at [t, s].
+
+  One O(n^2) pass: a 2-D histogram of (|frame diff|, |pos diff|) over the
+  non-sink key columns, cumulated over both axes, plus the sink columns (the
+  diagonal has zero distance, so it is always inside the window).
+  """
+  idx = np.arange(n)
+  frame, pos = idx // blocks_per_frame, idx % blocks_per_frame
+  nt, ns = num_frames(n, blocks_per_frame), min(blocks_per_frame, n)
+  keys = frame >= sink_frames
+  dt = np.abs(frame[:, None] - frame[None, keys]).ravel()
+  ds = np.abs(pos[:, None] - pos[None, keys]).ravel()
+  hist = np.bincount(dt * ns + ds, minlength=nt * ns).reshape(nt, ns)
+  return hist.cumsum(0).cumsum(1) + n * int((~keys).sum())
+
+
+def resolve_block_count(keep: Union[int, float], n: int) -> int:
+  """Blocks kept per head of n x n: an int in [1, n^2] (clamped above), or a
+  float density in (0, 1] (rounded half up, at least 1)."""
+  total = n * n
+  if isinstance(keep, (bool, np.bool_)):
+    raise ValueError(f"keep must be an int >= 1 or a float density in (0, 1], got {keep!r}")
+  if isinstance(keep, (int, np.integer)):
+    if keep < 1:
+      raise ValueError(f"keep must be an int >= 1 or a float density in (0, 1], got {keep!r}")
+    return int(min(keep, total))
+  if isinstance(keep, (float, np.floating)):
+    if not 0.0 < keep <= 1.0:
+      raise ValueError(f"keep as a density must be a float in (0, 1], got {keep!r}")
+    return int(min(total, max(1, math.floor(keep * total + 0.5))))
+  raise ValueError(f"keep must be an int >= 1 or a float density in (0, 1], got {keep!r}")
+
+
+def topk_blocks_mask(s: jax.Array, keep: Union[int, float]) -> jax.Array:
+  """Oracle mask: per head, the `keep` blocks with the smallest S, plus (i, i).
+
+  s: [..., n, n] sparsity map (NaN -- e.g. blocks a sparse map skipped -- ranks
+  last). keep: static count or density (see resolve_block_count). Ties keep
+  the lower row-major index. The diagonal guard is a union on top of the
+  budget, so a row is never empty; density can exceed the budget by up to n
+  blocks (1/n) per head.
+  """
+  s = jnp.asarray(s)
+  if s.ndim < 2 or s.shape[-1] != s.shape[-2]:
+    raise ValueError(f"S must be [..., n, n], got shape {s.shape}")
+  n = s.shape[-1]
+  k = resolve_block_count(keep, n)
+  flat = s.reshape(s.shape[:-2] + (n * n,))
+  mask = smallest_k_mask(flat, k).reshape(s.shape)
+  return mask | jnp.eye(n, dtype=bool)
+
+
+def mask_density(mask) -> jax.Array:
+  """float32 [...]: fraction of active blocks of each [..., n, n] mask."""
+  return jnp.asarray(mask).astype(jnp.float32).mean(axis=(-2, -1))
