@@ -13,6 +13,7 @@ last full frame form one extra, partial frame.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Union
 
@@ -164,8 +165,12 @@ def topk_blocks_mask(s: jax.Array, keep: Union[int, float]) -> jax.Array:
   s = jnp.asarray(s)
   if s.ndim < 2 or s.shape[-1] != s.shape[-2]:
     raise ValueError(f"S must be [..., n, n], got shape {s.shape}")
+  return _topk_blocks_mask(s, resolve_block_count(keep, s.shape[-1]))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _topk_blocks_mask(s, k):
   n = s.shape[-1]
-  k = resolve_block_count(keep, n)
   flat = s.reshape(s.shape[:-2] + (n * n,))
   mask = smallest_k_mask(flat, k).reshape(s.shape)
   return mask | jnp.eye(n, dtype=bool)

@@ -67,6 +67,11 @@ def predict_features(prev: PatternFeatures, cur: PatternFeatures, interval) -> P
   """Linear extrapolation X_pred = X_cur + (X_cur - X_prev) / T, T = interval."""
   if isinstance(interval, (int, float, np.integer, np.floating)) and not interval > 0:
     raise ValueError(f"interval must be > 0, got {interval!r}")
+  return _extrapolate(prev, cur, interval)
+
+
+@jax.jit
+def _extrapolate(prev, cur, interval):
   return jax.tree.map(lambda p, c: c + (c - p) / interval, prev, cur)
 
 
@@ -101,9 +106,13 @@ def select_lines(pred: PatternFeatures, top_k: TopK) -> tuple[jax.Array, jax.Arr
 
   Returns (keep_cols bool [..., n], keep_diags bool [..., 2n-1]).
   """
-  n = pred.n
-  keep = smallest_k_mask(line_scores(pred), resolve_top_k(top_k, n))
-  return keep[..., :n], keep[..., n:]
+  return _select_lines(pred, resolve_top_k(top_k, pred.n))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _select_lines(pred, k):
+  keep = smallest_k_mask(line_scores(pred), k)
+  return keep[..., :pred.n], keep[..., pred.n:]
 
 
 def lines_to_mask(keep_cols: jax.Array, keep_diags: jax.Array, n: int) -> jax.Array:
@@ -136,8 +145,8 @@ def predict_mask(prev: PatternFeatures, cur: PatternFeatures, *, interval, top_k
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _predict_mask(prev, cur, interval, block_diagonal, k, blocks_per_frame):
   n = cur.n
-  pred = predict_features(prev, cur, interval)
-  keep_cols, keep_diags = select_lines(pred, k)
+  pred = _extrapolate(prev, cur, interval)
+  keep_cols, keep_diags = _select_lines(pred, k)
   mask = lines_to_mask(keep_cols, keep_diags, n)
   fb = jnp.asarray(frame_block_mask(n, blocks_per_frame))
   mask = mask | (block_diagonal[..., None, None] & fb)
@@ -145,14 +154,19 @@ def _predict_mask(prev, cur, interval, block_diagonal, k, blocks_per_frame):
 
 
 def max_row_width(top_k: TopK, n: int, blocks_per_frame: int) -> int:
-  """Static bound on active key blocks per row of `predict_mask`.
+  """Static bound on the active key blocks of any row of `predict_mask`:
+  min(n, top_k + blocks_per_frame) -- the width of the kernel's compacted table.
 
-  Each kept line adds at most one block to a row, the frame block at most
-  blocks_per_frame, the guard at most one: min(n, top_k + bpf + 1).
+  Each kept line (column or diagonal) meets a row at most once: <= top_k. On
+  top of that a row gets either its frame block (block-diagonal head, row inside
+  a full frame block: bpf blocks, which already contain the guard (i, i)) or
+  just the guard (any other row): at most max(bpf, 1) = bpf more. This is
+  ALGORITHM.md's min(n, top_k + bpf); the guard needs no extra slot.
   """
-  if blocks_per_frame < 1:
+  if (isinstance(blocks_per_frame, bool) or not isinstance(blocks_per_frame, (int, np.integer))
+      or blocks_per_frame < 1):
     raise ValueError(f"blocks_per_frame must be an int >= 1, got {blocks_per_frame!r}")
-  return min(n, resolve_top_k(top_k, n) + blocks_per_frame + 1)
+  return int(min(n, resolve_top_k(top_k, n) + blocks_per_frame))
 
 
 def block_diagonal_mode(features: PatternFeatures, e_max: float = 1.0) -> jax.Array:

@@ -166,25 +166,42 @@ def test_row_width_bound(n, bpf, top_k):
                         block_diagonal=jnp.ones((6,), bool))
   width = P.max_row_width(top_k, n, bpf)
   assert int(np.asarray(mask).sum(-1).max()) <= width
-  assert width == min(n, P.resolve_top_k(top_k, n) + bpf + 1)
+  assert width == min(n, P.resolve_top_k(top_k, n) + bpf)
 
 
 def test_row_width_bound_is_tight():
   n, bpf, k = 16, 4, 3
-  # k columns outside frame block 0 and none of the diagonals through row 0's
-  # frame block: row 0 gets k columns + bpf frame blocks (guard inside), and
-  # with the guard outside a frame block the +1 is reached on row n-1.
+  # k columns outside frame block 0, every diagonal unattractive: row 0 of a
+  # block-diagonal head holds exactly k columns + its bpf frame blocks (the
+  # guard (0, 0) among them), the bound.
   col = jnp.full((n,), 5.0).at[jnp.asarray([5, 9, 13])].set(-5.0)
   feats = F.PatternFeatures(diag=jnp.full((2 * n - 1,), 5.0), col=col, block=jnp.asarray(0.0))
   mask = np.asarray(P.predict_mask(feats, feats, interval=10, top_k=k, blocks_per_frame=bpf,
                                    block_diagonal=True))
-  assert mask[0].sum() == k + bpf
-  n2, bpf2 = 11, 4  # blocks 8..10 are past the last frame block: the guard is extra there
+  assert mask[0].sum() == k + bpf == P.max_row_width(k, n, bpf)
+  # Past the last full frame block (blocks 8..10 here) the guard is the extra block.
+  n2 = 11
   col2 = jnp.full((n2,), 5.0).at[jnp.asarray([0, 1, 2])].set(-5.0)
   feats2 = F.PatternFeatures(diag=jnp.full((2 * n2 - 1,), 5.0), col=col2, block=jnp.asarray(0.0))
-  mask2 = np.asarray(P.predict_mask(feats2, feats2, interval=10, top_k=k, blocks_per_frame=bpf2,
+  mask2 = np.asarray(P.predict_mask(feats2, feats2, interval=10, top_k=k, blocks_per_frame=bpf,
                                     block_diagonal=True))
-  assert mask2[10].sum() == k + 1 <= P.max_row_width(k, n2, bpf2)
+  assert mask2[10].sum() == k + 1 <= P.max_row_width(k, n2, bpf)
+
+
+def test_row_width_bound_adversarial():
+  """Lines chosen to crowd rows: every column and diagonal near the main one."""
+  rng = _rng("adv")
+  for n, bpf, k in [(12, 3, 5), (12, 4, 11), (9, 9, 4), (10, 1, 6), (7, 3, 20)]:
+    for _ in range(5):
+      # low values on a random mix of columns and near-diagonal lines
+      col = rng.uniform(-1, 0, size=n)
+      offsets = np.abs(np.arange(-(n - 1), n))
+      diag = rng.uniform(-1, 0, size=2 * n - 1) + 0.1 * offsets
+      feats = F.PatternFeatures(diag=jnp.asarray(diag, jnp.float32),
+                                col=jnp.asarray(2 * col, jnp.float32), block=jnp.asarray(0.0))
+      mask = np.asarray(P.predict_mask(feats, feats, interval=10, top_k=k, blocks_per_frame=bpf,
+                                       block_diagonal=True))
+      assert mask.sum(-1).max() <= P.max_row_width(k, n, bpf)
 
 
 @pytest.mark.parametrize("top_k,n,want", [
