@@ -1,0 +1,166 @@
+"""WanDiT: patches, layer modes (scan / loop / remat), the attention-control contract,
+dtypes and input validation. Parity with diffusers is in test_loading.py."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models import DiTConfig, attention, wan
+
+CFG = DiTConfig.tiny()
+B, F, H, W, TEXT_LEN = 2, 2, 4, 6, 5
+
+
+def random_params(config, seed=0):
+  """Fresh normal params of the right shapes (no init compile), in the config's layout."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
+                      models.param_shapes(config))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return random_params(CFG)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  latents = jax.random.normal(k1, (B, CFG.in_channels, F, H, W))
+  timestep = jax.random.uniform(k2, (B,), minval=0.0, maxval=1000.0)
+  context = jax.random.normal(k3, (B, TEXT_LEN, CFG.text_dim))
+  return latents, timestep, context
+
+
+@functools.cache
+def _forward(config):
+  """One compiled dense forward per config, shared by the tests."""
+  return jax.jit(lambda p, x, t, c, control=None: models.apply(config, p, x, t, c, control))
+
+
+@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2), (1, 1, 3)],
+                         ids=lambda p: f"patch={'x'.join(map(str, p))}")
+def test_patchify_unpatchify_round_trip(patch_size):
+  x = np.random.default_rng(0).standard_normal((2, 3, 4, 6, 6))  # numpy: no op compiles
+  grid = tuple(n // p for n, p in zip(x.shape[2:], patch_size))
+  tokens = models.patchify(x, patch_size)
+  chex.assert_shape(tokens, (2, np.prod(grid), np.prod(patch_size) * 3))
+  chex.assert_trees_all_equal(models.unpatchify(tokens, patch_size, grid), x)
+  # Token order is frame-major, then row, then column; a token holds its own patch.
+  pt, ph, pw = patch_size
+  t, h, w = grid[0] - 1, grid[1] - 1, 0
+  patch = x[:, :, t * pt:(t + 1) * pt, h * ph:(h + 1) * ph, w * pw:(w + 1) * pw]
+  s = (t * grid[1] + h) * grid[2] + w
+  chex.assert_trees_all_equal(tokens[:, s], patch.transpose(0, 2, 3, 4, 1).reshape(2, -1))
+
+
+def test_output_shape_dtype_and_empty_dense_stats(params, inputs):
+  out, stats = _forward(CFG)(params, *inputs)
+  chex.assert_shape(out, (B, CFG.out_channels, F, H, W))
+  chex.assert_type(out, jnp.float32)
+  chex.assert_tree_all_finite(out)
+  assert stats == {}
+
+
+def test_init_params_matches_param_shapes():
+  config = DiTConfig.tiny(num_layers=1)
+  params = models.init_params(config, jax.random.key(0), F, H, W, TEXT_LEN)
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, models.param_shapes(config))
+  table = params["blocks"]["scale_shift_table"]
+  assert float(jnp.std(table)) > 0.5 * config.dim ** -0.5  # random, as in diffusers
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=lambda r: f"{r=}")
+def test_loop_layers_equal_scanned_layers(params, inputs, remat):
+  scanned, _ = _forward(CFG)(params, *inputs)
+  loop_cfg = dataclasses.replace(CFG, scan_layers=False, remat=remat)
+  loop_params = models.unstack_blocks(params, CFG.num_layers)
+  chex.assert_trees_all_equal_shapes_and_dtypes(loop_params, models.param_shapes(loop_cfg))
+  looped, _ = _forward(loop_cfg)(loop_params, *inputs)
+  chex.assert_trees_all_close(looped, scanned, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_remat_scanned_gradients_match(params, inputs):
+  def loss(config):
+    return lambda p: jnp.mean(models.apply(config, p, *inputs)[0] ** 2)
+  g_plain = jax.jit(jax.grad(loss(CFG)))(params)
+  g_remat = jax.jit(jax.grad(loss(dataclasses.replace(CFG, remat=True))))(params)
+  chex.assert_trees_all_close(g_remat, g_plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=lambda s: f"{s=}")
+def test_control_is_sliced_per_layer_and_stats_stack(params, inputs, monkeypatch, scan_layers):
+  """Each layer's self_attention sees its own [B, H, n, n] mask; stats come back [L, ...]."""
+  config = dataclasses.replace(CFG, scan_layers=scan_layers)
+  p = params if scan_layers else models.unstack_blocks(params, CFG.num_layers)
+  dense, _ = _forward(config)(p, *inputs)
+  seen_shapes = []
+
+  def fake_self_attention(q, k, v, control):
+    seen_shapes.append(control.block_mask.shape)
+    out = attention.dense_attention(q, k, v)
+    return out, {"mask_sum": control.block_mask.sum(axis=(-2, -1)).astype(jnp.float32),
+                 "q_norm": jnp.linalg.norm(q.astype(jnp.float32))}
+
+  monkeypatch.setattr(attention, "self_attention", fake_self_attention)
+  n = 3
+  mask = jax.random.bernoulli(jax.random.key(7), 0.5, (CFG.num_layers, B, CFG.num_heads, n, n))
+  control = models.AttentionControl(block_mask=mask, mode="sparse")
+  forward = jax.jit(lambda p, x, t, c, control: models.apply(config, p, x, t, c, control))
+  out, stats = forward(p, *inputs, control)
+  assert all(s == (B, CFG.num_heads, n, n) for s in seen_shapes)
+  chex.assert_shape(stats["mask_sum"], (CFG.num_layers, B, CFG.num_heads))
+  chex.assert_shape(stats["q_norm"], (CFG.num_layers,))
+  chex.assert_trees_all_equal(stats["mask_sum"], mask.sum(axis=(-2, -1)).astype(jnp.float32))
+  # The fake is dense attention, so the velocity equals the dense model's.
+  chex.assert_trees_all_close(out, dense, atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_compute_stays_close_to_float32(inputs):
+  params = random_params(CFG)
+  ref, _ = _forward(CFG)(params, *inputs)
+  bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+  out, _ = _forward(bf16)(params, *inputs)
+  chex.assert_type(out, jnp.bfloat16)
+  chex.assert_tree_all_finite(out)
+  rel = jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
+  assert float(rel) < 0.05, float(rel)
+
+
+def test_compiles_once_across_calls(params, inputs):
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(p, x, t, c):
+    return models.apply(CFG, p, x, t, c)[0]
+
+  latents, timestep, context = inputs
+  for i in range(3):
+    step(params, latents + i, timestep * 0.5 ** i, context)
+
+
+def test_scalar_timestep_broadcasts(params, inputs):
+  latents, timestep, context = inputs
+  t = timestep[0]
+  out_scalar, _ = _forward(CFG)(params, latents, t, context)
+  out_vector, _ = _forward(CFG)(params, latents, jnp.full((B,), t), context)
+  chex.assert_trees_all_close(out_scalar, out_vector)
+
+
+@pytest.mark.parametrize("latent_shape,t_shape,ctx_shape,match", [
+    ((B, 3, F, H, W), (B,), (B, TEXT_LEN, 32), "latents"),
+    ((B, 4, F, H, 5), (B,), (B, TEXT_LEN, 32), "width=5"),
+    ((B, 4, F, H, W), (B + 1,), (B, TEXT_LEN, 32), "timestep"),
+    ((B, 4, F, H, W), (B,), (B, TEXT_LEN, 16), "context"),
+], ids=["channels", "odd_width", "timestep_batch", "text_dim"])
+def test_bad_inputs_raise(params, latent_shape, t_shape, ctx_shape, match):
+  rng = np.random.default_rng(0)
+  args = [rng.standard_normal(s).astype(np.float32) for s in (latent_shape, t_shape, ctx_shape)]
+  with pytest.raises(ValueError, match=match):
+    models.apply(CFG, params, *args)
