@@ -84,7 +84,7 @@ def _layer_dense(geom: Geometry, dense_layers: int) -> np.ndarray:
 def _compact(mask: jax.Array, width: int):
   flat = mask.reshape((-1,) + mask.shape[-3:])
   table = jax.vmap(functools.partial(pallas_kernels.compact_block_mask, max_width=width))(flat)
-  return jax.tree.map(lambda a: a.reshape(mask.shape[:-4] + a.shape[1:]), table)
+  return jax.tree.map(lambda a: a.reshape(mask.shape[:-3] + a.shape[1:]), table)
 
 
 def _mean_density(mask: jax.Array) -> jax.Array:

@@ -1,0 +1,28 @@
+"""MOD-DiT in JAX: pattern-mixture prediction of block-sparse attention masks,
+carried as explicit state through a one-compile `lax.scan` sampler.
+
+Public API:
+  fit_pattern_features, PatternFeatures, predict_mask: ALGORITHM.md sections 2-3.
+  MODConfig, DenseConfig, StaticWindowConfig, OracleConfig, warmup_reuse: policies.
+  Sampler, SamplerSettings, sample_fn, SampleOutput, sparsity: the sampler.
+"""
+
+from modjax.config import (
+    DenseConfig,
+    MODConfig,
+    OracleConfig,
+    StaticWindowConfig,
+    warmup_reuse,
+)
+from modjax.features import PatternFeatures, fit_pattern_features, reconstruct_map
+from modjax.policies import Geometry, MODState
+from modjax.predict import max_row_width, predict_mask
+from modjax.sampler import SampleOutput, Sampler, SamplerSettings, sample_fn, sparsity
+from modjax.schedule import StepKind, flow_sigmas, mod_step_kinds
+
+__all__ = [
+    "DenseConfig", "Geometry", "MODConfig", "MODState", "OracleConfig", "PatternFeatures",
+    "SampleOutput", "Sampler", "SamplerSettings", "StaticWindowConfig", "StepKind",
+    "fit_pattern_features", "flow_sigmas", "max_row_width", "mod_step_kinds",
+    "predict_mask", "reconstruct_map", "sample_fn", "sparsity", "warmup_reuse",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from modjax.cli import main
+
+sys.exit(main())
