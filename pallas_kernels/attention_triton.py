@@ -137,7 +137,8 @@ def _attention_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *out_refs,
     if sub == 1:
       start = idx_ref[t] * block_size
     else:
-      start = idx_ref[t // sub] * block_size + (t % sub) * block_k
+      # t >= 0: lax.div/rem avoid jnp's sign-correcting floor division.
+      start = idx_ref[lax.div(t, sub)] * block_size + lax.rem(t, sub) * block_k
     start = pl.multiple_of(start, block_k)
     return tile(start, carry, masked=False)
 
