@@ -14,6 +14,7 @@ path (see `map_xla` for the memory-frugal XLA version).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -104,6 +105,8 @@ def _block_fraction(below, block_mask, *, block_size, seq_len):
   return frac
 
 
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "threshold", "sm_scale"))
 def sparsity_map_reference(q: jax.Array, k: jax.Array, *, block_size: int,
                            threshold: float, sm_scale: Optional[float] = None,
                            block_mask: Optional[jax.Array] = None) -> jax.Array:
@@ -138,6 +141,8 @@ def sparsity_map_reference(q: jax.Array, k: jax.Array, *, block_size: int,
   return _block_fraction(below, block_mask, block_size=block_size, seq_len=s_)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "threshold", "sm_scale", "interpret"))
 def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
                           table: Any = None, *, block_size: int,
                           threshold: float, sm_scale: Optional[float] = None,
