@@ -25,7 +25,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -103,13 +103,9 @@ def _diffusers_name(path: tuple[str, ...]) -> str:
   return f"{module}.{leaf}" if module else leaf
 
 
-def _patch_order(config: DiTConfig) -> tuple[int, ...]:
-  return (*config.patch_size, config.in_channels)
-
-
 def _to_diffusers(path: tuple[str, ...], array: np.ndarray, config: DiTConfig) -> np.ndarray:
   if path == ("patch_embedding", "kernel"):  # [pt*ph*pw*C, dim] -> [dim, C, pt, ph, pw]
-    return array.reshape(*_patch_order(config), -1).transpose(4, 3, 0, 1, 2)
+    return array.reshape(*config.patch_size, config.in_channels, -1).transpose(4, 3, 0, 1, 2)
   if path[-1] == "kernel":
     return array.T
   return array
@@ -124,7 +120,11 @@ def _from_diffusers(path: tuple[str, ...], array: np.ndarray, config: DiTConfig)
 
 
 def _diffusers_shape(path: tuple[str, ...], shape: tuple[int, ...], config: DiTConfig):
-  return _to_diffusers(path, np.empty(shape, np.int8), config).shape
+  if path == ("patch_embedding", "kernel"):
+    return (shape[1], config.in_channels, *config.patch_size)
+  if path[-1] == "kernel":
+    return tuple(shape[::-1])
+  return tuple(shape)
 
 
 def _loop_layout_shapes(config: DiTConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
@@ -154,12 +154,22 @@ def _check_shape(name: str, expected, actual, where: str):
                      f"got {tuple(actual)}")
 
 
-def _to_device(flat: dict[tuple[str, ...], np.ndarray], config: DiTConfig):
-  """Host arrays in the loop layout -> device params in config's dtype and layout
-  (cast and stacked on the host, so the device holds each tensor once)."""
-  flat = {p: np.asarray(a).astype(config.param_dtype, copy=False) for p, a in flat.items()}
-  params = _to_layout(traverse_util.unflatten_dict(flat), config, config.scan_layers)
-  return jax.tree.map(jnp.asarray, params)
+def _read_params(config: DiTConfig, read: Callable[[tuple[str, ...]], np.ndarray]):
+  """Builds params in config's layout and param_dtype from `read(loop_layout_path)`.
+
+  Each tensor is cast as it is read and scanned layers are written straight into
+  their stacked array, so the host holds one copy of the model in param_dtype.
+  """
+  flat = {}
+  for path, leaf in traverse_util.flatten_dict(param_shapes(config)).items():
+    if config.scan_layers and path[0] == "blocks":
+      stacked = np.empty(leaf.shape, leaf.dtype)
+      for i in range(config.num_layers):
+        stacked[i] = read((f"blocks_{i}", *path[1:]))
+      flat[path] = stacked
+    else:
+      flat[path] = np.asarray(read(path)).astype(leaf.dtype, copy=False)
+  return jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat))
 
 
 # -------------------------------------------------------------- diffusers
@@ -204,19 +214,23 @@ def load_diffusers_transformer(path, **overrides) -> tuple[DiTConfig, Any]:
   found = [n for n in files if not any(ignored in n for ignored in _IGNORED_UNEXPECTED)]
   _check_names(names, found, str(folder))
 
-  flat = {}
   with contextlib.ExitStack() as stack:
     handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in set(files.values())}
-    for name, p in names.items():
-      handle = handles[files[name]]
+    for name, p in names.items():  # all shapes first: fail before reading any data
       _check_shape(name, _diffusers_shape(p, shapes[p].shape, config),
-                   handle.get_slice(name).get_shape(), str(files[name]))
-      flat[p] = _from_diffusers(p, handle.get_tensor(name), config)
-  return config, _to_device(flat, config)
+                   handles[files[name]].get_slice(name).get_shape(), str(files[name]))
+
+    def read(p):
+      name = _diffusers_name(p)
+      return _from_diffusers(p, handles[files[name]].get_tensor(name), config)
+
+    return config, _read_params(config, read)
 
 
 def _check_params(config: DiTConfig, params, where: str) -> dict[tuple[str, ...], Any]:
-  """params (either layout) -> flat loop layout, validated against the config."""
+  """params (either layout) -> flat loop layout on the host (layers are views of the
+  stacked arrays), validated against the config."""
+  params = jax.tree.map(np.asarray, params)
   flat = traverse_util.flatten_dict(_to_layout(params, config, scan_layers=False))
   shapes = _loop_layout_shapes(config)
   dotted = lambda p: ".".join(p)
@@ -288,11 +302,9 @@ def load_params(path, **overrides) -> tuple[DiTConfig, Any]:
     if not file.exists():
       raise FileNotFoundError(f"checkpoint file {str(file)!r} does not exist")
   config = DiTConfig.from_dict(json.loads(config_file.read_text()), **overrides)
-  shapes = _loop_layout_shapes(config)
+  shapes = {".".join(p): s.shape for p, s in _loop_layout_shapes(config).items()}
   with safe_open(weights, framework="np") as f:
-    stored = {tuple(name.split(".")): f.get_tensor(name) for name in f.keys()}
-  dotted = lambda p: ".".join(p)
-  _check_names({dotted(p) for p in shapes}, {dotted(p) for p in stored}, str(weights))
-  for p, array in stored.items():
-    _check_shape(dotted(p), shapes[p].shape, array.shape, str(weights))
-  return config, _to_device(stored, config)
+    _check_names(shapes, f.keys(), str(weights))
+    for name in f.keys():
+      _check_shape(name, shapes[name], f.get_slice(name).get_shape(), str(weights))
+    return config, _read_params(config, lambda p: f.get_tensor(".".join(p)))

@@ -235,8 +235,7 @@ class WanDiT(nn.Module):
           f"context must be [B={batch}, L, {cfg.text_dim}], got shape {context.shape}")
 
     grid = cfg.grid(*latents.shape[2:])
-    rope = tuple(jnp.asarray(t) for t in
-                 rope_tables(grid, cfg.head_dim, max_seq_len=cfg.rope_max_seq_len))
+    rope = rope_tables(grid, cfg.head_dim, max_seq_len=cfg.rope_max_seq_len)
 
     x = patchify(latents.astype(cfg.dtype), cfg.patch_size)
     x = nn.Dense(cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="patch_embedding")(x)

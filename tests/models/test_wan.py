@@ -31,10 +31,11 @@ def params():
 
 @pytest.fixture(scope="module")
 def inputs():
-  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-  latents = jax.random.normal(k1, (B, CFG.in_channels, F, H, W))
-  timestep = jax.random.uniform(k2, (B,), minval=0.0, maxval=1000.0)
-  context = jax.random.normal(k3, (B, TEXT_LEN, CFG.text_dim))
+  # numpy draws: eager jax.random would compile a kernel per call on CPU.
+  rng = np.random.default_rng(1)
+  latents = rng.standard_normal((B, CFG.in_channels, F, H, W)).astype(np.float32)
+  timestep = rng.uniform(0.0, 1000.0, (B,)).astype(np.float32)
+  context = rng.standard_normal((B, TEXT_LEN, CFG.text_dim)).astype(np.float32)
   return latents, timestep, context
 
 
@@ -111,20 +112,19 @@ def test_control_is_sliced_per_layer_and_stats_stack(params, inputs, monkeypatch
 
   monkeypatch.setattr(attention, "self_attention", fake_self_attention)
   n = 3
-  mask = jax.random.bernoulli(jax.random.key(7), 0.5, (CFG.num_layers, B, CFG.num_heads, n, n))
+  mask = np.random.default_rng(7).random((CFG.num_layers, B, CFG.num_heads, n, n)) < 0.5
   control = models.AttentionControl(block_mask=mask, mode="sparse")
   forward = jax.jit(lambda p, x, t, c, control: models.apply(config, p, x, t, c, control))
   out, stats = forward(p, *inputs, control)
   assert all(s == (B, CFG.num_heads, n, n) for s in seen_shapes)
   chex.assert_shape(stats["mask_sum"], (CFG.num_layers, B, CFG.num_heads))
   chex.assert_shape(stats["q_norm"], (CFG.num_layers,))
-  chex.assert_trees_all_equal(stats["mask_sum"], mask.sum(axis=(-2, -1)).astype(jnp.float32))
+  chex.assert_trees_all_equal(stats["mask_sum"], mask.sum(axis=(-2, -1)).astype(np.float32))
   # The fake is dense attention, so the velocity equals the dense model's.
   chex.assert_trees_all_close(out, dense, atol=1e-6, rtol=1e-6)
 
 
-def test_bfloat16_compute_stays_close_to_float32(inputs):
-  params = random_params(CFG)
+def test_bfloat16_compute_stays_close_to_float32(params, inputs):
   ref, _ = _forward(CFG)(params, *inputs)
   bf16 = dataclasses.replace(CFG, dtype="bfloat16")
   out, _ = _forward(bf16)(params, *inputs)
