@@ -210,7 +210,7 @@ def _fit(s, blocks_per_frame, ridge):
   lead = s.shape[:-2]
   rhs = moment_vector(s, blocks_per_frame).reshape(-1, 3 * n).T  # [3n, batch]
   chol = jnp.asarray(_cholesky_factor(n, blocks_per_frame, ridge), jnp.float32)
-  # Keep the (blocked, matmul-based on TPU) triangular solves in full f32.
+  # Full f32 for any matmul the triangular solve is expanded into (e.g. on TPU).
   with jax.default_matmul_precision("highest"):
     y = jax.scipy.linalg.solve_triangular(chol, rhs, lower=True)
     x = jax.scipy.linalg.solve_triangular(chol, y, lower=True, trans="T")
