@@ -234,6 +234,12 @@ class WanDiT(nn.Module):
       raise ValueError(
           f"context must be [B={batch}, L, {cfg.text_dim}], got shape {context.shape}")
 
+    for leaf in jax.tree.leaves(control):
+      if leaf.shape[:1] != (cfg.num_layers,):
+        raise ValueError(
+            f"control leaves need a leading layer axis of num_layers={cfg.num_layers}, "
+            f"got a leaf of shape {leaf.shape}")
+
     grid = cfg.grid(*latents.shape[2:])
     rope = rope_tables(grid, cfg.head_dim, max_seq_len=cfg.rope_max_seq_len)
 

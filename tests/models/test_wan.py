@@ -164,3 +164,26 @@ def test_bad_inputs_raise(params, latent_shape, t_shape, ctx_shape, match):
   args = [rng.standard_normal(s).astype(np.float32) for s in (latent_shape, t_shape, ctx_shape)]
   with pytest.raises(ValueError, match=match):
     models.apply(CFG, params, *args)
+
+
+def test_control_without_layer_axis_raises(params, inputs):
+  mask = np.ones((CFG.num_layers + 1, B, CFG.num_heads, 3, 3), bool)  # one layer too many
+  control = models.AttentionControl(block_mask=mask, mode="sparse")
+  with pytest.raises(ValueError, match="num_layers=2"):
+    models.apply(CFG, params, *inputs, control)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense_map"])
+def test_block_sparse_backends_through_the_model(params, inputs, mode):
+  """The real pallas_kernels path: an all-True mask reproduces dense attention and
+  the map modes stack a sparsity map per layer."""
+  pytest.importorskip("pallas_kernels")
+  n = 1  # 12 tokens in one block of 128
+  mask = np.ones((CFG.num_layers, B, CFG.num_heads, n, n), bool) if mode == "sparse" else None
+  control = models.AttentionControl(block_mask=mask, mode=mode)
+  forward = jax.jit(lambda p, x, t, c, control: models.apply(CFG, p, x, t, c, control))
+  out, stats = forward(params, *inputs, control)
+  dense, _ = _forward(CFG)(params, *inputs)
+  chex.assert_trees_all_close(out, dense, atol=1e-4, rtol=1e-4)
+  if mode == "dense_map":
+    chex.assert_shape(stats["sparsity_map"], (CFG.num_layers, B, CFG.num_heads, n, n))
