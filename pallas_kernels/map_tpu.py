@@ -1,6 +1,6 @@
 """Sparsity map from a given row log-sum-exp: Pallas Mosaic TPU kernel.
 
-Splash-attention style: the grid is (B, H, query block i, table slot t). With
+Splash-attention style: the grid is (B*H, query block i, table slot t). With
 a block table, its indices and counts are scalar-prefetched into SMEM and drive
 the K BlockSpec's index_map, so the pipeline DMAs exactly the active key
 blocks; slots past a row's count clamp to its last valid entry (no new DMA,
@@ -12,9 +12,9 @@ exp), reduces it to one count and writes it into its column of the output row,
 which stays resident in VMEM across the (arbitrary) slot axis: initialised to
 NaN (sparse) or 0 (dense) at t == 0, updated by a one-hot select.
 
-Layouts: q, k are transposed to [B, H, S, D] so a tile is (b, D) (lane dim =
-D, the full head dim); lse is passed as [B, H, S, 1] so the bound is a column
-vector; the output is [B, H, n, 1, n] (a (1, n) row per step, full dims).
+Layouts: q, k are transposed to [B*H, S, D] so a tile is (b, D) (lane dim =
+D, the full head dim); lse is passed as [B*H, S, 1] so the bound is a column
+vector; the output is [B*H, n, 1, n] (a (1, n) row per step, full dims).
 """
 
 from __future__ import annotations
@@ -30,21 +30,26 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.map_reference import check_map_args, resolve_sm_scale
 
-__all__ = ["sparsity_map_from_lse"]
+__all__ = ["sparsity_map_from_lse", "SMEM_TABLE_BUDGET_BYTES"]
+
+# Scalar-prefetch budget for the block table. Past it, the (batch, head) pairs
+# are split over several pallas_calls (a lax.map over groups), each of which
+# prefetches only its own rows. Unverified on hardware: tune per TPU generation.
+SMEM_TABLE_BUDGET_BYTES = 512 * 1024
 
 
 def _map_kernel(*refs, block_size: int, seq_len: int, num_blocks: int,
-                num_heads: int, width: int, log_threshold: float,
-                inv_scale: float, sparse: bool):
+                width: int, log_threshold: float, inv_scale: float,
+                sparse: bool):
   if sparse:
     idx_ref, cnt_ref, q_ref, k_ref, lse_ref, o_ref = refs
   else:
     q_ref, k_ref, lse_ref, o_ref = refs
   bs = block_size
-  b, h, i, t = (pl.program_id(a) for a in range(4))
+  g, i, t = (pl.program_id(a) for a in range(3))
 
   if sparse:
-    row = (b * num_heads + h) * num_blocks + i
+    row = g * num_blocks + i
     count = cnt_ref[row]
     slot = jnp.maximum(jnp.minimum(t, count - 1), 0)
     j = idx_ref[row * width + slot]
@@ -81,6 +86,72 @@ def _map_kernel(*refs, block_size: int, seq_len: int, num_blocks: int,
     o_ref[...] = jnp.where(cols == j, val, o_ref[...])
 
 
+def _map_call(qt, kt, lse3, indices, counts, *, block_size, seq_len,
+              log_threshold, inv_scale, interpret):
+  """One pallas_call over G flattened (batch, head) pairs.
+
+  qt, kt [G, Sp, D]; lse3 [G, Sp, 1]; indices [G * n * w] and counts [G * n]
+  (flat, scalar-prefetched) or both None (dense). Returns [G, n, 1, n].
+  """
+  g_, sp, d_ = qt.shape
+  bs = block_size
+  n = sp // bs
+  sparse = indices is not None
+  if sparse:
+    w = indices.shape[0] // (g_ * n)
+
+    def k_map(g, i, t, idx_ref, cnt_ref):
+      row = g * n + i
+      slot = jnp.maximum(jnp.minimum(t, cnt_ref[row] - 1), 0)
+      return g, idx_ref[row * w + slot], 0
+
+    prefetch = (indices, counts)
+  else:
+    w = n
+
+    def k_map(g, i, t):
+      return g, t, 0
+
+    prefetch = ()
+
+  def fixed(g, i, t, *_):
+    # q / lse / out: the same block for every slot t (the row stays resident).
+    return g, i, 0
+
+  kernel = functools.partial(
+      _map_kernel, block_size=bs, seq_len=seq_len, num_blocks=n, width=w,
+      log_threshold=log_threshold, inv_scale=inv_scale, sparse=sparse)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=len(prefetch),
+          grid=(g_, n, w),
+          in_specs=[
+              pl.BlockSpec((None, bs, d_), fixed),
+              pl.BlockSpec((None, bs, d_), k_map),
+              pl.BlockSpec((None, bs, 1), fixed),
+          ],
+          out_specs=pl.BlockSpec((None, None, 1, n),
+                                 lambda g, i, t, *_: (g, i, 0, 0)),
+      ),
+      out_shape=jax.ShapeDtypeStruct((g_, n, 1, n), jnp.float32),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="mod_sparsity_map_tpu",
+  )(*prefetch, qt, kt, lse3)
+
+
+def _heads_per_call(num_pairs: int, n: int, w: int, budget: int) -> int:
+  """Largest divisor g of num_pairs whose table (4 * g * n * (w + 1) bytes) fits."""
+  per_pair = 4 * n * (w + 1)
+  best = 1
+  for g in range(1, num_pairs + 1):
+    if num_pairs % g == 0 and g * per_pair <= budget:
+      best = g
+  return best
+
+
 def _resolve_interpret(interpret):
   if interpret is True:
     return pltpu.InterpretParams()
@@ -101,8 +172,9 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
       over the (masked) row.
     table: None (dense) or a block table (`.indices` int32 [B, H, n, w],
       `.counts` int32 [B, H, n]); only active blocks are measured, the
-      others are NaN. The table is scalar-prefetched (SMEM: 4 * B*H*n*(w+1)
-      bytes).
+      others are NaN. The table is scalar-prefetched into SMEM
+      (4 * n * (w + 1) bytes per (batch, head); split over several calls past
+      SMEM_TABLE_BUDGET_BYTES).
     block_size: b, a multiple of 8 (64 or 128; 128 fills the MXU).
     threshold: static probability threshold.
     sm_scale: softmax scale, default 1/sqrt(D).
@@ -124,63 +196,34 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
     raise ValueError(f"sm_scale must be positive, got {scale}")
 
   sp = n * bs
+  gtot = b_ * h_
   pads = ((0, 0), (0, sp - s_), (0, 0), (0, 0))
-  qt = jnp.pad(q, pads).transpose(0, 2, 1, 3)                     # [B,H,Sp,D]
-  kt = jnp.pad(k, pads).transpose(0, 2, 1, 3)
-  lse4 = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, sp - s_)))
-  lse4 = lse4[..., None]                                           # [B,H,Sp,1]
+  # [B*H, Sp, D]: a tile is (b, D) with the full head dim on lanes.
+  qt = jnp.pad(q, pads).transpose(0, 2, 1, 3).reshape(gtot, sp, d_)
+  kt = jnp.pad(k, pads).transpose(0, 2, 1, 3).reshape(gtot, sp, d_)
+  lse3 = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, sp - s_)))
+  lse3 = lse3.reshape(gtot, sp, 1)
+  call = functools.partial(
+      _map_call, block_size=bs, seq_len=s_, log_threshold=math.log(threshold),
+      inv_scale=1.0 / scale, interpret=_resolve_interpret(interpret))
 
-  sparse = table is not None
-  if sparse:
+  if table is None:
+    out = call(qt, kt, lse3, None, None)
+  else:
     w = table.indices.shape[-1]
     indices = jnp.broadcast_to(jnp.asarray(table.indices, jnp.int32),
-                               (b_, h_, n, w)).reshape(-1)
+                               (b_, h_, n, w)).reshape(gtot, n * w)
     counts = jnp.broadcast_to(jnp.asarray(table.counts, jnp.int32),
-                              (b_, h_, n)).reshape(-1)
-    num_prefetch = 2
-
-    def k_map(b, h, i, t, idx_ref, cnt_ref):
-      row = (b * h_ + h) * n + i
-      slot = jnp.maximum(jnp.minimum(t, cnt_ref[row] - 1), 0)
-      return b, h, idx_ref[row * w + slot], 0
-
-    prefetch = (indices, counts)
-  else:
-    w = n
-    num_prefetch = 0
-
-    def k_map(b, h, i, t):
-      return b, h, t, 0
-
-    prefetch = ()
-
-  def fixed(f):
-    # index maps for q / lse / out: ignore the slot and the prefetch refs.
-    return lambda b, h, i, t, *_: f(b, h, i)
-
-  in_specs = [
-      pl.BlockSpec((None, None, bs, d_), fixed(lambda b, h, i: (b, h, i, 0))),
-      pl.BlockSpec((None, None, bs, d_), k_map),
-      pl.BlockSpec((None, None, bs, 1), fixed(lambda b, h, i: (b, h, i, 0))),
-  ]
-  out_spec = pl.BlockSpec((None, None, None, 1, n),
-                          fixed(lambda b, h, i: (b, h, i, 0, 0)))
-  kernel = functools.partial(
-      _map_kernel, block_size=bs, seq_len=s_, num_blocks=n, num_heads=h_,
-      width=w, log_threshold=math.log(threshold), inv_scale=1.0 / scale,
-      sparse=sparse)
-  out = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=num_prefetch,
-          grid=(b_, h_, n, w),
-          in_specs=in_specs,
-          out_specs=out_spec,
-      ),
-      out_shape=jax.ShapeDtypeStruct((b_, h_, n, 1, n), jnp.float32),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_resolve_interpret(interpret),
-      name="mod_sparsity_map_tpu",
-  )(*prefetch, qt, kt, lse4)
+                              (b_, h_, n)).reshape(gtot, n)
+    g = _heads_per_call(gtot, n, w, SMEM_TABLE_BUDGET_BYTES)
+    if g == gtot:
+      out = call(qt, kt, lse3, indices.reshape(-1), counts.reshape(-1))
+    else:
+      # The whole table would not fit in SMEM: one pallas_call per group of
+      # g (batch, head) pairs, each prefetching only its own rows.
+      c = gtot // g
+      split = lambda x: x.reshape(c, g, *x.shape[1:])
+      out = jax.lax.map(
+          lambda a: call(a[0], a[1], a[2], a[3].reshape(-1), a[4].reshape(-1)),
+          (split(qt), split(kt), split(lse3), split(indices), split(counts)))
   return out.reshape(b_, h_, n, n)

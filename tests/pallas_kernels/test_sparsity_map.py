@@ -233,6 +233,25 @@ def test_threshold_monotone_and_deterministic(backend):
   np.testing.assert_array_equal(maps[0], maps[2])       # bitwise, NaN included
 
 
+@pytest.mark.skipif(not _runnable("tpu"), reason=f"tpu kernel cannot run on {PLATFORM}")
+def test_tpu_table_split_over_calls(monkeypatch):
+  """A table past the SMEM budget is split over several pallas_calls."""
+  monkeypatch.setattr(map_tpu, "SMEM_TABLE_BUDGET_BYTES", 1)
+  b, seq_len, h, d, block = 2, 45, 2, 16, 16       # unique shape: fresh trace
+  n = -(-seq_len // block)
+  assert map_tpu._heads_per_call(b * h, n, n, 1) == 1
+  bm = make_mask("random", b, h, n, 4)
+  table = make_table(bm)
+  q, k = make_inputs(b, seq_len, h, d, jnp.float32, 4)
+  lse = local_lse(q, k, bm, block, 1 / math.sqrt(d))
+  want = map_reference.sparsity_map_from_lse(q, k, lse, table, block_size=block,
+                                             threshold=1e-3)
+  got = run_map("tpu", q, k, lse, table, block_size=block, threshold=1e-3,
+                sm_scale=None)
+  assert_maps_match(got, want, seq_len=seq_len, block_size=block, max_flips=2,
+                    mean_tol=1e-3)
+
+
 def test_reference_against_brute_force():
   """The jnp reference against an explicit per-block loop in numpy (float64)."""
   b, seq_len, h, d, block = 1, 37, 2, 8, 8
