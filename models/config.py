@@ -188,7 +188,8 @@ class DiTConfig:
             f"diffusers config key {key!r}={cfg[key]!r} (image-to-video) is not supported; "
             f"only None is")
     if cfg["qk_norm"] not in QK_NORMS:
-      raise ValueError(f"diffusers config qk_norm must be one of {QK_NORMS}, got {cfg['qk_norm']!r}")
+      raise ValueError(
+          f"diffusers config qk_norm must be one of {QK_NORMS}, got {cfg['qk_norm']!r}")
     return cls(
         patch_size=tuple(cfg["patch_size"]),
         in_channels=cfg["in_channels"],

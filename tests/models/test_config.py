@@ -69,7 +69,8 @@ def test_diffusers_config_round_trip():
 
 def test_diffusers_config_missing_keys_take_diffusers_defaults():
   cfg = DiTConfig.from_diffusers_config({"num_attention_heads": 2, "attention_head_dim": 12})
-  assert (cfg.num_layers, cfg.ffn_dim, cfg.text_dim, cfg.rope_max_seq_len) == (40, 13824, 4096, 1024)
+  defaults = (cfg.num_layers, cfg.ffn_dim, cfg.text_dim, cfg.rope_max_seq_len)
+  assert defaults == (40, 13824, 4096, 1024)
 
 
 @pytest.mark.parametrize("key,value,match", [

@@ -204,7 +204,8 @@ def test_wrong_shape_names_the_tensor(diffusers_dir):
 
 def test_config_disagreeing_with_weights_names_the_tensor(diffusers_dir):
   _edit_config(diffusers_dir, ffn_dim=96)
-  with pytest.raises(ValueError, match=r"'blocks\.0\.ffn\.net\.0\.proj\.(weight|bias)'.*expected shape \(96"):
+  name = r"'blocks\.0\.ffn\.net\.0\.proj\.(weight|bias)'"
+  with pytest.raises(ValueError, match=name + r".*expected shape \(96"):
     models.load_diffusers_transformer(diffusers_dir)
 
 

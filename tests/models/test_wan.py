@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import models
-from models import DiTConfig, attention, wan
+from models import DiTConfig, attention
 
 CFG = DiTConfig.tiny()
 B, F, H, W, TEXT_LEN = 2, 2, 4, 6, 5
