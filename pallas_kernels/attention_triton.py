@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-import numpy as np
 
 from pallas_kernels.block_table import BlockTable
 
@@ -40,8 +39,9 @@ HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-# Finite "minus infinity" for masked logits: exp2 of it is 0 and no inf - inf.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Finite "minus infinity" for masked logits (also after scaling by up to
+# ~1e8): exp2 of it is 0 and there is no inf - inf.
+_MASK_VALUE = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,7 @@ def _attention_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *out_refs,
   else:
     (lse_ref,) = out_refs
   i = pl.program_id(0)
+  fold_scale = scale_log2 > 0
   sub = block_size // block_k                 # key tiles per mask block
   head_dim = q_ref.shape[-1]
   q_tail = seq_len % block_size != 0          # last query block is ragged
@@ -115,12 +116,20 @@ def _attention_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *out_refs,
       k = k_ref[pl.ds(start, block_k), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)      # [bq, bk]
-    s = s * scale_log2
+    if not fold_scale:
+      s = s * scale_log2
     if masked:
       s = jnp.where(key_ok[None, :], s, _MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - m_next[:, None])
+    if fold_scale:
+      # m is kept in raw logit units (scale > 0 preserves the max): the scale
+      # goes into one fused multiply-add per element, exp2(s * c - m * c).
+      m_scaled = m_next * scale_log2
+      alpha = jnp.exp2(m_prev * scale_log2 - m_scaled)
+      p = jnp.exp2(s * scale_log2 - m_scaled[:, None])
+    else:
+      alpha = jnp.exp2(m_prev - m_next)
+      p = jnp.exp2(s - m_next[:, None])
     l_next = alpha * l_prev + jnp.sum(p, axis=1)
     if with_out:
       if masked:
@@ -170,7 +179,8 @@ def _attention_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *out_refs,
   acc, m, l = carry
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
+  m_log2 = m * scale_log2 if fold_scale else m
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m_log2 + jnp.log2(l_safe)) * _LN2)
   if with_out:
     out = (acc / l_safe[:, None]).astype(o_ref.dtype)
     if q_tail:

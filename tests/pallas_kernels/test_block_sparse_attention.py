@@ -209,6 +209,18 @@ def test_lse(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
+def test_explicit_and_negative_sm_scale(impl):
+  q, k, v = _qkv(17, B, S, H, D, jnp.float32)
+  mask = _random_mask(17, B, H, N, 0.5)
+  for scale in (0.05, -0.1):
+    out = pk.block_sparse_attention(q, k, v, mask, block_size=BLOCK, sm_scale=scale,
+                                    implementation=impl, interpret=INTERPRET)
+    ref = pk.block_sparse_attention_reference(q, k, v, mask, block_size=BLOCK,
+                                              sm_scale=scale)
+    assert _rel_err(out, ref) < TOL[jnp.float32], scale
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_deterministic(impl):
   q, k, v = _qkv(7, B, S, H, D, jnp.bfloat16)
   mask = _random_mask(7, B, H, N, 0.5)
