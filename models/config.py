@@ -85,6 +85,7 @@ class DiTConfig:
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+      object.__setattr__(self, name, int(value))
     patch = tuple(self.patch_size)
     if len(patch) != 3 or not all(isinstance(p, (int, np.integer)) and p >= 1 for p in patch):
       raise ValueError(
@@ -102,8 +103,9 @@ class DiTConfig:
           f"got {head_dim} (dim={self.dim}, num_heads={self.num_heads})")
     if self.freq_dim % 2:
       raise ValueError(f"DiTConfig.freq_dim must be even, got {self.freq_dim}")
-    if not self.eps > 0:
-      raise ValueError(f"DiTConfig.eps must be > 0, got {self.eps!r}")
+    if not isinstance(self.eps, (float, int)) or not self.eps > 0:
+      raise ValueError(f"DiTConfig.eps must be a float > 0, got {self.eps!r}")
+    object.__setattr__(self, "eps", float(self.eps))
     if self.qk_norm not in QK_NORMS:
       raise ValueError(f"DiTConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
     for name in ("cross_attn_norm", "scan_layers", "remat"):

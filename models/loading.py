@@ -52,6 +52,13 @@ _LIST_LIMIT = 20
 
 # ------------------------------------------------------------ layer layouts
 
+def _stack(*layers):
+  # Host arrays stay on the host (checkpoint loading); device arrays stay on device.
+  if all(isinstance(a, np.ndarray) for a in layers):
+    return np.stack(layers)
+  return jnp.stack(layers)
+
+
 def stack_blocks(params: Mapping[str, Any], num_layers: int) -> dict:
   """Loop layout (blocks_0 ... blocks_{L-1}) -> scanned layout (blocks, leading L axis)."""
   names = [f"blocks_{i}" for i in range(num_layers)]
@@ -63,17 +70,14 @@ def stack_blocks(params: Mapping[str, Any], num_layers: int) -> dict:
   return out
 
 
-def _stack(*layers):
-  # Host arrays stay on the host (checkpoint loading); device arrays stay on device.
-  if all(isinstance(a, np.ndarray) for a in layers):
-    return np.stack(layers)
-  return jnp.stack(layers)
-
-
 def unstack_blocks(params: Mapping[str, Any], num_layers: int) -> dict:
   """Scanned layout (blocks, leading L axis) -> loop layout (blocks_0 ... blocks_{L-1})."""
   if "blocks" not in params:
     raise ValueError("params lack the scanned 'blocks' subtree")
+  for path, leaf in traverse_util.flatten_dict(params["blocks"]).items():
+    if np.shape(leaf)[:1] != (num_layers,):
+      raise ValueError(f"scanned param 'blocks.{'.'.join(path)}' has shape {np.shape(leaf)}, "
+                       f"expected a leading layer axis of num_layers={num_layers}")
   out = {k: v for k, v in params.items() if k != "blocks"}
   for i in range(num_layers):
     out[f"blocks_{i}"] = jax.tree.map(lambda a: a[i], params["blocks"])

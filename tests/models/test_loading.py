@@ -249,6 +249,11 @@ def test_save_rejects_params_of_another_config(tmp_path, params):
     models.save_diffusers_transformer(dataclasses.replace(CFG, text_dim=48), params, tmp_path)
 
 
+def test_save_rejects_a_layer_count_mismatch(tmp_path, params):
+  with pytest.raises(ValueError, match=r"'blocks\.attn1\.norm_k\.scale'.*num_layers=1"):
+    models.save_params(DiTConfig.tiny(num_layers=1), params, tmp_path / "demo.safetensors")
+
+
 def test_own_checkpoint_errors(tmp_path, params):
   with pytest.raises(ValueError, match=r"\.safetensors"):
     models.save_params(CFG, params, tmp_path / "demo.npz")
