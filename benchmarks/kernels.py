@@ -164,31 +164,29 @@ def time_jax(fn: Callable, arg_sets: list, runs: int, warmup: int = 3):
   return statistics.median(samples) * 1e3, compile_s, out
 
 
-def time_torch(fn: Callable, runs: int):
+def time_torch(fn: Callable, runs: int, warmup: int = 3):
+  """Same protocol as time_jax (bursts, wall clock, synchronize), for torch."""
   import torch
   t0 = time.perf_counter()
   out = fn()
   torch.cuda.synchronize()
   compile_s = time.perf_counter() - t0
-  try:
-    import triton.testing
-    try:
-      ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, 5 * runs),
-                                   return_mode="median")
-    except TypeError:
-      ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, 5 * runs))
-  except ImportError:
-    for _ in range(3):
+  for _ in range(warmup):
+    fn()
+  torch.cuda.synchronize()
+  t0 = time.perf_counter()
+  fn()
+  torch.cuda.synchronize()
+  one = time.perf_counter() - t0
+  inner = 1 if one >= 1e-3 else min(50, math.ceil(1e-3 / max(one, 1e-6)))
+  samples = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    for _ in range(inner):
       fn()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-    for i in range(runs):
-      start[i].record()
-      fn()
-      end[i].record()
     torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
-  return float(ms), compile_s, out
+    samples.append((time.perf_counter() - t0) / inner)
+  return statistics.median(samples) * 1e3, compile_s, out
 
 
 def rel_err(out, ref) -> Optional[float]:
@@ -376,10 +374,18 @@ class Bench:
       def pallas_dense():
         from jax.experimental.pallas.ops.gpu import attention as jax_attention
         bs = jax_attention.BlockSizes(block_q=128, block_k=64)
-        fn = jax.jit(functools.partial(jax_attention.mha, segment_ids=None,
-                                       sm_scale=sm_scale, block_sizes=bs))
-        ms, comp, out = time_jax(fn, sets, args.runs)
-        return ms, rel_err(out[:, :, :hr], dense_ref), {"compile_s": round(comp, 2)}
+        fn = jax.jit(lambda q, k, v: jax_attention.mha(
+            q, k, v, None, sm_scale=sm_scale, block_sizes=bs))
+        pad = -shape.seq_len % 128
+        if not pad:
+          ms, comp, out = time_jax(fn, sets, args.runs)
+          return ms, rel_err(out[:, :, :hr], dense_ref), {"compile_s": round(comp, 2)}
+        # mha needs S % 128 == 0: time it on zero-padded inputs (no rel_err:
+        # the padded keys change the result).
+        padded = [tuple(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in st)
+                  for st in sets]
+        ms, comp, _ = time_jax(fn, padded, args.runs)
+        return ms, None, {"compile_s": round(comp, 2), "padded_to": shape.seq_len + pad}
       self.guarded(shape, "pallas_dense", "dense", 1.0, pallas_dense)
 
     ref_dense_ms = dense_ms.get("cudnn")
@@ -398,10 +404,12 @@ class Bench:
 
         for impl in self.backends():
           def ours(impl=impl):
-            fn = jax.jit(functools.partial(
-                pk.block_sparse_attention, block_size=shape.block,
-                implementation=impl, interpret=self.interpret))
-            ms, comp, out = time_jax(lambda q, k, v: fn(q, k, v, table), sets, args.runs)
+            # pk.block_sparse_attention is jitted (static config, global cache):
+            # the table is an argument, so masks of one shape compile once.
+            fn = functools.partial(
+                pk.block_sparse_attention, block_mask=table, block_size=shape.block,
+                implementation=impl, interpret=self.interpret)
+            ms, comp, out = time_jax(fn, sets, args.runs)
             more = {"compile_s": round(comp, 2)}
             if ref_dense_ms:
               more["speedup_vs_cudnn"] = round(ref_dense_ms / ms, 3)
@@ -410,7 +418,7 @@ class Bench:
 
         if self.torch is not None:
           self.guarded(shape, "flex", mask_kind, density,
-                       lambda: self.run_flex(shape, sets, table, ref, hr, sm_scale),
+                       lambda: self.run_flex(shape, sets, mask, table, ref, hr, sm_scale),
                        **extra)
 
         if args.sweep and self.on_gpu and mask_kind == args.masks[0] and target in args.sweep_densities \
@@ -421,7 +429,7 @@ class Bench:
           self.run_map(shape, sets, mask, table, mask_kind, density, ref_dense_ms, extra)
         self.write()
 
-  def run_flex(self, shape, sets, table, ref, hr, sm_scale):
+  def run_flex(self, shape, sets, mask, table, ref, hr, sm_scale):
     torch = self.torch
     to_t = lambda x: torch.from_dlpack(x)
     tsets = [tuple(to_t(x).permute(0, 2, 1, 3).contiguous() for x in s) for s in sets]
@@ -432,13 +440,23 @@ class Bench:
     indices = indices.to(torch.int32).contiguous()
     zeros_n = torch.zeros_like(counts)
     zeros_i = torch.zeros_like(indices)
+    # Every listed block is "full" (no mask_mod calls in the compiled kernel;
+    # unlisted blocks are skipped). mask_mod states the same mask token-wise
+    # for the paths that do evaluate it (eager / partial blocks).
+    dense_mask = to_t(jnp.broadcast_to(mask, (shape.batch, shape.heads, shape.n, shape.n)))
+    dense_mask = dense_mask.to(torch.bool).contiguous()
+    block = shape.block
+
+    def block_mod(b, h, q_idx, kv_idx):
+      return dense_mask[b, h, q_idx // block, kv_idx // block]
+
     try:
       block_mask = self.BlockMask.from_kv_blocks(
           zeros_n, zeros_i, counts, indices, BLOCK_SIZE=shape.block,
-          seq_lengths=(shape.seq_len, shape.seq_len))
+          mask_mod=block_mod, seq_lengths=(shape.seq_len, shape.seq_len))
     except TypeError:
       block_mask = self.BlockMask.from_kv_blocks(zeros_n, zeros_i, counts, indices,
-                                                 BLOCK_SIZE=shape.block)
+                                                 BLOCK_SIZE=shape.block, mask_mod=block_mod)
     state = {"i": 0}
 
     def call():
@@ -460,9 +478,9 @@ class Bench:
         return
       cfg = at.TritonConfig(block_k=block_k, num_warps=warps, num_stages=stages)
       def run(cfg=cfg):
-        fn = jax.jit(lambda q, k, v: at.block_sparse_attention_fwd(
-            q, k, v, table, block_size=shape.block, config=cfg)[0])
-        ms, comp, out = time_jax(fn, sets, self.args.runs)
+        fn = jax.jit(lambda q, k, v, t: at.block_sparse_attention_fwd(
+            q, k, v, t, block_size=shape.block, config=cfg)[0])
+        ms, comp, out = time_jax(fn, [(*st, table) for st in sets], self.args.runs)
         return ms, rel_err(out[:, :, :hr], ref), {"compile_s": round(comp, 2)}
       self.guarded(shape, "ours_triton", mask_kind, density, run,
                    config=f"bk{block_k}_w{warps}_s{stages}", sweep=True, **extra)
@@ -475,7 +493,7 @@ class Bench:
       impl = args.backends[0]
     q0, k0, v0 = sets[0]
     dense = density >= 1.0
-    bm = None if dense else mask
+    bm = None if dense else table
     map_table = None if dense else table.broadcast_to((shape.batch, shape.heads))
     kw = dict(block_size=shape.block, threshold=args.threshold, implementation=impl,
               interpret=self.interpret)
@@ -501,23 +519,23 @@ class Bench:
           block_size=shape.block, sm_scale=1.0 / math.sqrt(shape.head_dim),
           interpret=self.interpret)
       mod = pk_api._map_module(impl)
-      fn = jax.jit(lambda q, k, l: mod.sparsity_map_from_lse(
-          q, k, l, map_table, block_size=shape.block, threshold=args.threshold,
+      fn = jax.jit(lambda q, k, l, t: mod.sparsity_map_from_lse(
+          q, k, l, t, block_size=shape.block, threshold=args.threshold,
           sm_scale=1.0 / math.sqrt(shape.head_dim), interpret=self.interpret))
-      ms, comp, out = time_jax(fn, [(q, k, lse) for q, k, _ in sets[:1]], args.runs)
+      ms, comp, out = time_jax(fn, [(q0, k0, lse, map_table)], args.runs)
       return ms, err_of(out), self._vs_dense(ms, dense_ms, comp)
     self.guarded(shape, "sparsity_map", mask_kind, density, given_lse,
                  variant="given_lse", **extra)
 
     def with_lse():
-      fn = jax.jit(lambda q, k: pk.sparsity_map(q, k, block_mask=bm, **kw))
-      ms, comp, out = time_jax(fn, [(q, k) for q, k, _ in sets], args.runs)
+      fn = lambda q, k, m: pk.sparsity_map(q, k, block_mask=m, **kw)
+      ms, comp, out = time_jax(fn, [(q, k, bm) for q, k, _ in sets], args.runs)
       return ms, err_of(out), self._vs_dense(ms, dense_ms, comp)
     self.guarded(shape, "sparsity_map", mask_kind, density, with_lse,
                  variant="with_lse_pass", **extra)
 
     def with_map():
-      fn = jax.jit(lambda q, k, v: pk.block_sparse_attention_with_map(q, k, v, bm, **kw))
+      fn = functools.partial(pk.block_sparse_attention_with_map, block_mask=bm, **kw)
       ms, comp, out = time_jax(fn, sets, args.runs)
       return ms, err_of(out[1]), self._vs_dense(ms, dense_ms, comp)
     self.guarded(shape, "attention_with_map", mask_kind, density, with_map, **extra)
