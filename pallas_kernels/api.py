@@ -131,7 +131,10 @@ def _to_table(block_mask: MaskLike, batch: int, heads: int, n: int,
           f"block_mask (BlockTable) leading dims must be [batch, heads] = "
           f"[{batch}, {heads}] (or 1 to broadcast), got indices shape "
           f"{tuple(block_mask.indices.shape)}")
-    table = block_mask
+    # A user-built table: keep every id and count in range, so a bad table
+    # can give wrong numbers but never an out-of-bounds read.
+    table = BlockTable(indices=jnp.clip(block_mask.indices, 0, n - 1),
+                       counts=jnp.clip(block_mask.counts, 0, block_mask.width))
   else:
     if not hasattr(block_mask, "shape"):
       raise ValueError(f"block_mask must be a bool array [batch, heads, n, n], a "

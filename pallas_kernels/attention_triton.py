@@ -39,6 +39,7 @@ HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
+_MAX_I32_ELEMENTS = 2**31 - 1
 # Finite "minus infinity" for masked logits (also after scaling by up to
 # ~1e8): exp2 of it is 0 and there is no inf - inf.
 _MASK_VALUE = -1e30
@@ -198,6 +199,20 @@ def _fwd(q, k, v, indices, counts, *, block_size: int, sm_scale: float,
   n = -(-s // block_size)
   w = indices.shape[-1]
   config.validate(block_size, d)
+  if b > 1 and b * s * h * d >= _MAX_I32_ELEMENTS:
+    # The Triton lowering addresses with int32 offsets: run one batch element
+    # at a time rather than overflow.
+    tb = indices.shape[0]
+    per = lambda x: x[:, None]
+    tab_i = jnp.broadcast_to(indices, (b, *indices.shape[1:])) if tb == 1 else indices
+    tab_c = jnp.broadcast_to(counts, (b, *counts.shape[1:])) if tb == 1 else counts
+    def one(args):
+      qb, kb, vb, ib, cb = args
+      return _fwd(qb, kb, vb, ib, cb, block_size=block_size, sm_scale=sm_scale,
+                  with_out=with_out, config=config, interpret=interpret)
+    out, lse = lax.map(one, (per(q), per(k), None if v is None else per(v),
+                             per(tab_i), per(tab_c)))
+    return (None if out is None else out[:, 0]), lse[:, 0]
   # A table with leading dims of 1 is shared, not materialised per (b, h).
   tb, th = indices.shape[0], indices.shape[1]
   if tb not in (1, b) or th not in (1, h) or counts.shape != indices.shape[:-1]:

@@ -284,6 +284,34 @@ def test_xla_chunked_online_softmax(monkeypatch):
   np.testing.assert_allclose(full[1], chunked[1], rtol=1e-6)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+def test_triton_splits_batch_past_int32(monkeypatch):
+  """Inputs too large for int32 offsets run one batch element at a time."""
+  from pallas_kernels import attention_triton
+  q, k, v = _qkv(18, 2, S, H, D, jnp.float32)
+  mask = _random_mask(18, 1, H, N, 0.5)
+  table = compact_block_mask(mask)
+  whole = attention_triton.block_sparse_attention_fwd(q, k, v, table, block_size=BLOCK,
+                                                      interpret=INTERPRET)
+  monkeypatch.setattr(attention_triton, "_MAX_I32_ELEMENTS", 16)
+  attention_triton._fwd.clear_cache()
+  split = attention_triton.block_sparse_attention_fwd(q, k, v, table, block_size=BLOCK,
+                                                      interpret=INTERPRET)
+  attention_triton._fwd.clear_cache()
+  np.testing.assert_array_equal(whole[0], split[0])
+  np.testing.assert_array_equal(whole[1], split[1])
+
+
+def test_user_table_is_clipped_into_range():
+  q, k, v = _qkv(19, B, S, H, D, jnp.float32)
+  bad = BlockTable(indices=jnp.full((B, H, N, 2), 99, jnp.int32),
+                   counts=jnp.full((B, H, N), 7, jnp.int32))
+  out = pk.block_sparse_attention(q, k, v, bad, block_size=BLOCK, implementation="xla")
+  only_last = jnp.zeros((B, H, N, N), bool).at[..., N - 1].set(True)
+  ref = pk.block_sparse_attention_reference(q, k, v, only_last, block_size=BLOCK)
+  assert _rel_err(out, ref) < TOL[jnp.float32]
+
+
 @pytest.mark.skipif(not INTERPRET, reason="TPU grouping checked in interpret mode")
 def test_tpu_head_groups():
   """Tables too large for SMEM are split into head groups."""
