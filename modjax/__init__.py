@@ -11,6 +11,7 @@ from modjax.config import (
     DenseConfig,
     MODConfig,
     OracleConfig,
+    StaticMaskConfig,
     StaticWindowConfig,
     warmup_reuse,
 )
@@ -22,7 +23,7 @@ from modjax.schedule import StepKind, flow_sigmas, mod_step_kinds
 
 __all__ = [
     "DenseConfig", "Geometry", "MODConfig", "MODState", "OracleConfig", "PatternFeatures",
-    "SampleOutput", "Sampler", "SamplerSettings", "StaticWindowConfig", "StepKind",
+    "SampleOutput", "Sampler", "SamplerSettings", "StaticMaskConfig", "StaticWindowConfig", "StepKind",
     "fit_pattern_features", "flow_sigmas", "max_row_width", "mod_step_kinds",
     "predict_mask", "reconstruct_map", "sample_fn", "sparsity", "warmup_reuse",
 ]

@@ -136,6 +136,37 @@ def _window_counts(n: int, blocks_per_frame: int, sink_frames: int) -> np.ndarra
   return hist.cumsum(0).cumsum(1) + n * int((~keys).sum())
 
 
+def lines_mask_for_density(n: int, blocks_per_frame: int, target_density: float) -> np.ndarray:
+  """bool [n, n] numpy constant shaped like a MOD-DiT mask: the frame blocks,
+  then diagonals at offsets +-1, +-bpf, +-2bpf, ... interleaved with the first
+  frame's columns (the attention sink), added until the density reaches
+  target_density. A realistic fixed mask for measuring system speed apart from
+  prediction quality (random-weight models give meaningless MOD masks)."""
+  _check_geometry(n, blocks_per_frame)
+  if not 0.0 < target_density <= 1.0:
+    raise ValueError(f"target_density must be in (0, 1], got {target_density!r}")
+  idx = np.arange(n)
+  frame = idx // blocks_per_frame
+  mask = (frame[:, None] == frame[None, :]) | np.eye(n, dtype=bool)
+  offsets = [o for k in range(1, n) for o in
+             ((k, -k) if k == 1 else ((k * blocks_per_frame, -k * blocks_per_frame)
+                                     if k * blocks_per_frame < n else ()))]
+  columns = list(range(min(blocks_per_frame, n)))
+  lines = [("d", o) for o in offsets]
+  for i, c in enumerate(columns):  # interleave sink columns between the diagonals
+    lines.insert(min(2 * i + 1, len(lines)), ("c", c))
+  lines += [("d", o) for k in range(2, n) for o in (k, -k) if ("d", o) not in lines]
+  lines += [("c", c) for c in range(n) if ("c", c) not in lines]
+  for kind, v in lines:
+    if mask.mean() >= target_density:
+      break
+    if kind == "c":
+      mask[:, v] = True
+    else:
+      mask |= (idx[None, :] - idx[:, None]) == v
+  return mask
+
+
 def resolve_block_count(keep: Union[int, float], n: int) -> int:
   """Blocks kept per head of n x n: an int in [1, n^2] (clamped above), or a
   float density in (0, 1] (rounded half up, at least 1)."""

@@ -189,10 +189,10 @@ class MODPolicy(_SparsePolicy):
                     block_diagonal=block_diagonal, mask=mask, table=_compact(mask, self.width))
 
 
-class StaticWindowPolicy(_SparsePolicy):
-  """Dense warm-up, then one fixed local spatio-temporal band for every layer and head."""
+class StaticMaskPolicy(_SparsePolicy):
+  """Dense warm-up, then one fixed mask (window or MOD-shaped lines) for every layer and head."""
 
-  def __init__(self, config: cfg_lib.StaticWindowConfig, geom: Geometry):
+  def __init__(self, config: cfg_lib.StaticMaskConfig, geom: Geometry):
     self.config, self.geom = config, geom
 
   def step_kinds(self, num_steps: int) -> np.ndarray:
@@ -200,7 +200,9 @@ class StaticWindowPolicy(_SparsePolicy):
 
   def init(self) -> FixedMaskState:
     g = self.geom
-    band = masks_lib.static_window_for_density(g.num_blocks, g.blocks_per_frame, self.config.density)
+    build = {"window": masks_lib.static_window_for_density,
+             "lines": masks_lib.lines_mask_for_density}[self.config.pattern]
+    band = build(g.num_blocks, g.blocks_per_frame, self.config.density)
     mask = self._with_dense_layers(jnp.broadcast_to(jnp.asarray(band), g.lead + band.shape))
     return FixedMaskState(mask=mask, table=_compact(mask, g.num_blocks))
 
@@ -250,7 +252,7 @@ class OraclePolicy(_SparsePolicy):
 def make_policy(attention: cfg_lib.AttentionConfig, geom: Geometry):
   """The policy object for an attention config."""
   table = {cfg_lib.DenseConfig: DensePolicy, cfg_lib.MODConfig: MODPolicy,
-           cfg_lib.StaticWindowConfig: StaticWindowPolicy, cfg_lib.OracleConfig: OraclePolicy}
+           cfg_lib.StaticMaskConfig: StaticMaskPolicy, cfg_lib.OracleConfig: OraclePolicy}
   if type(attention) not in table:
     raise ValueError(
         f"attention must be 'dense', 'mod' or one of {[t.__name__ for t in table]}, "

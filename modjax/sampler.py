@@ -35,6 +35,7 @@ class SamplerSettings:
   shift: float = 5.0
   attention: cfg_lib.AttentionConfig = cfg_lib.DenseConfig()
   progress: bool = False
+  record_step_times: bool = False  # host timestamp after each step (benchmarks)
 
   def __post_init__(self):
     for name in ("frames", "height", "width", "num_inference_steps"):
@@ -67,6 +68,19 @@ def geometry(model_config, settings: SamplerSettings, rows: int) -> policies.Geo
 
 
 _PROGRESS = {}
+_STEP_TIMES: list = []
+
+
+def _record_step_time(step, _value):
+  import time
+  if int(step) == 0:
+    _STEP_TIMES.clear()
+  _STEP_TIMES.append(time.perf_counter())
+
+
+def last_step_times() -> list:
+  """Host perf_counter() after each step of the last run with record_step_times."""
+  return list(_STEP_TIMES)
 
 
 def _progress_update(step, total):
@@ -121,6 +135,9 @@ def make_step(model_config, settings: SamplerSettings, policy, used_kinds, param
     latents = latents + (xs["sigma_next"] - xs["sigma"]) * velocity
     if settings.progress:
       jax.debug.callback(_progress_update, xs["step"], steps, ordered=True)
+    if settings.record_step_times:
+      # depends on the new latents, so it fires when this step's work is done
+      jax.debug.callback(_record_step_time, xs["step"], latents.ravel()[0], ordered=True)
     return (latents, state), density
 
   return step
