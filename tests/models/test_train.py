@@ -1,0 +1,179 @@
+"""Demo training: conditioning, overfitting, checkpoint/resume, bf16 export."""
+
+import dataclasses
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from models import demo_data
+from models import train as T
+
+# One tiny config for the whole module, so every test reuses the compiled step.
+TC = T.TrainConfig(model="tiny", batch_size=2, frames=2, height=8, width=8, dtype="float32",
+                   lr=3e-3, warmup_steps=1, total_steps=1000, label_dropout=0.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fixed_batch():
+  return demo_data.sample_batch(jax.random.key(5), TC.batch_size, TC.frames, TC.height, TC.width)
+
+
+@pytest.fixture(scope="module")
+def trained(fixed_batch):
+  """(state before, state after 30 steps on the fixed batch, metrics per step)."""
+  state0 = T.init_state(TC)
+  before = jax.tree.map(jnp.copy, state0)
+  state, losses = state0, []
+  for _ in range(30):
+    state, metrics = T.train_step_on(TC, state, *fixed_batch)
+    losses.append(metrics)
+  return before, state, jax.device_get(losses)
+
+
+@jax.jit
+def _fixed_loss_jit(params, videos, labels):
+  t = jnp.array([0.3, 0.7])
+  noise = jax.random.normal(jax.random.key(9), videos.shape)
+  return T.flow_matching_loss(TC.dit_config(), params, videos, labels, t, noise)
+
+
+def _fixed_loss(params, fixed_batch):
+  return float(_fixed_loss_jit(params, *fixed_batch))
+
+
+def test_demo_config_is_4096_tokens_and_small():
+  config = T.demo_config()
+  assert config.tokens(T.DEMO_FRAMES, T.DEMO_HEIGHT, T.DEMO_WIDTH) == 4096
+  assert config.in_channels == config.out_channels == 3 and config.patch_size == (1, 2, 2)
+  assert config.head_dim == 64
+  shapes = jax.eval_shape(lambda: T.init_demo_params(
+      config, jax.random.key(0), T.DEMO_FRAMES, T.DEMO_HEIGHT, T.DEMO_WIDTH))
+  n = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+  assert n * 2 <= 15e6  # bf16 checkpoint <= 15 MB
+  chex.assert_shape(shapes["label_embedding"], (demo_data.NUM_CLASSES + 1, T.TEXT_LEN, T.TEXT_DIM))
+
+
+def test_label_context(trained):
+  params = trained[1].params
+  labels = jnp.array([0, 3, T.NULL_LABEL])
+  context = T.label_context(params, labels)
+  chex.assert_shape(context, (3, T.TEXT_LEN, TC.dit_config().text_dim))
+  np.testing.assert_array_equal(context[2], params["label_embedding"][T.NULL_LABEL])
+  assert not np.allclose(context[0], context[1])
+
+
+def test_flow_sigmas():
+  s = np.asarray(T.flow_sigmas(10, 3.0))
+  assert s[0] == 1.0 and s[-1] == 0.0 and (np.diff(s) < 0).all()
+  np.testing.assert_allclose(T.flow_sigmas(4, 1.0), np.linspace(1, 0, 5), atol=1e-7)
+  t = T.sample_t(jax.random.key(0), 4096, TC)
+  assert 0.0 < float(t.min()) and float(t.max()) < 1.0 and abs(float(t.mean()) - 0.5) < 0.02
+
+
+def test_overfits_a_fixed_batch(trained, fixed_batch):
+  before, after, metrics = trained
+  assert int(after.step) == 30
+  loss0 = _fixed_loss(before.params, fixed_batch)
+  loss1 = _fixed_loss(after.params, fixed_batch)
+  assert loss1 < 0.6 * loss0, (loss0, loss1)
+  train_losses = [float(m["loss"]) for m in metrics]
+  assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5])
+  # The EMA moved off the init, towards the params.
+  delta = lambda a, b: sum(float(jnp.abs(x - y).sum()) for x, y in
+                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert 0 < delta(after.ema, before.params)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "orbax"])
+def test_checkpoint_resume_gives_the_same_state(trained, fixed_batch, tmp_path, fmt):
+  if fmt == "orbax" and T._orbax() is None:
+    pytest.skip("orbax not importable")
+  _, state, _ = trained
+  state = jax.tree.map(jnp.copy, state)
+  history = T._new_history()
+  history["step"].append(30)
+  history["loss"].append(1.0)
+  assert T.save_checkpoint(tmp_path, state, TC, history, fmt) == fmt
+  restored_state, restored_tc, restored_history = T.load_checkpoint(tmp_path)
+  assert restored_tc == TC and restored_history == history
+  chex.assert_trees_all_equal(restored_state, state)
+  chex.assert_trees_all_equal_structs(restored_state, state)
+  # Training on continues identically from either copy.
+  a, _ = T.train_step_on(TC, jax.tree.map(jnp.copy, state), *fixed_batch)
+  b, _ = T.train_step_on(TC, restored_state, *fixed_batch)
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_no_checkpoint_is_none(tmp_path):
+  assert T.load_checkpoint(tmp_path) is None
+
+
+def test_safetensors_writer_round_trip(tmp_path):
+  tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+             "b": np.linspace(-1, 1, 5).astype(ml_dtypes.bfloat16)}
+  T._write_safetensors(tmp_path / "x.safetensors", tensors, {"k": "v"})
+  read, meta = T._read_safetensors(tmp_path / "x.safetensors")
+  assert meta == {"k": "v"}
+  for name, value in tensors.items():
+    assert read[name].dtype == value.dtype
+    np.testing.assert_array_equal(read[name], value)
+  safetensors = pytest.importorskip("safetensors.numpy")
+  np.testing.assert_array_equal(safetensors.load_file(tmp_path / "x.safetensors")["a"], tensors["a"])
+
+
+def test_bf16_export_round_trip(trained, tmp_path):
+  _, state, _ = trained
+  config = TC.dit_config()
+  path = tmp_path / "ship" / "demo.safetensors"
+  T.export_demo(path, config, state.ema, frames=TC.frames, height=TC.height, width=TC.width,
+                extra_metadata={"train_step": 30})
+  assert path.exists() and path.with_suffix(".json").exists()
+  assert (path.parent / T.LABELS_FILE).exists()
+  loaded_config, params, meta = T.load_demo_params(path)
+  assert loaded_config == dataclasses.replace(config, dtype="float32")
+  expected = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), state.ema)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, expected))
+  assert meta["frames"] == TC.frames and meta["train_step"] == 30
+  assert meta["num_inference_steps"] == T.DEMO_SAMPLING["num_inference_steps"]
+  # The file really is bf16: about 2 bytes a parameter.
+  n = sum(x.size for x in jax.tree.leaves(state.ema["dit"]))
+  assert path.stat().st_size < 2 * n + 20_000
+  json.loads(path.with_suffix(".json").read_text())
+
+
+def test_load_demo_gives_a_pipeline_model(trained, tmp_path):
+  pipeline = pytest.importorskip("modjax.pipeline")
+  _, state, _ = trained
+  path = tmp_path / "demo.safetensors"
+  T.export_demo(path, TC.dit_config(), state.ema, frames=TC.frames, height=TC.height,
+                width=TC.width)
+  model = T.load_demo(path)
+  assert isinstance(model, pipeline.LoadedModel) and model.pixel_space
+  assert (model.defaults.frames, model.defaults.height, model.defaults.width) == (2, 8, 8)
+  ctx, neg = model.make_context(3, jax.random.key(0), label=4)
+  chex.assert_shape([ctx, neg], (3, T.TEXT_LEN, TC.dit_config().text_dim))
+  np.testing.assert_allclose(neg[0], np.asarray(jnp.asarray(
+      state.ema["label_embedding"][T.NULL_LABEL], jnp.bfloat16), np.float32))
+  with pytest.raises(ValueError, match="label"):
+    model.make_context(1, jax.random.key(0), label=demo_data.NUM_CLASSES)
+
+
+@pytest.mark.slow
+def test_cli_runs_resumes_and_exports(tmp_path):
+  args = ["--out", str(tmp_path), "--model", "tiny", "--batch-size", "2", "--frames", "2",
+          "--height", "8", "--width", "8", "--dtype", "float32", "--log-every", "5",
+          "--eval-every", "10", "--checkpoint-every", "10", "--num-samples", "2"]
+  assert T.main(args + ["--total-steps", "12"]) == 0
+  meta = json.loads((tmp_path / "meta.json").read_text())
+  assert meta["step"] == 12
+  assert (tmp_path / "demo.safetensors").exists() and (tmp_path / "samples.png").exists()
+  assert T.main(args + ["--total-steps", "20", "--lr", "1.0"]) == 0  # resumes; lr ignored
+  meta = json.loads((tmp_path / "meta.json").read_text())
+  assert meta["step"] == 20 and meta["train_config"]["lr"] == T.TrainConfig().lr
+  history = json.loads((tmp_path / "loss.json").read_text())
+  assert history["step"][-1] == 20 and history["step"][0] <= 12
