@@ -1,0 +1,114 @@
+"""Render the README's result tables from benchmarks/results/*.json.
+
+Tables go between `<!-- results:KIND -->` and `<!-- /results:KIND -->` markers;
+everything else in README.md is left alone. Run: python benchmarks/render_tables.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(kind):
+  runs = []
+  for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", f"{kind}-*.json"))):
+    with open(path) as f:
+      runs.append((os.path.basename(path), json.load(f)))
+  return runs
+
+
+def _fmt(x, spec):
+  return "" if x is None else format(x, spec)
+
+
+def kernel_table(runs):
+  lines = []
+  for name, run in runs:
+    rows = [r for r in run["rows"] if not r.get("sweep") and "time_ms" in r]
+    dense = {(r["seq_len"], r["heads"]): r["time_ms"] for r in rows if r["impl"] == "cudnn_dense"}
+    lines += [f"`{name}` ({run['card']}, jax {run['jax']})", "",
+              "| S | H | mask | density | impl | time ms | vs cuDNN dense | rel err |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+      base = dense.get((r["seq_len"], r["heads"]))
+      ratio = f"{base / r['time_ms']:.2f}x" if base and r["impl"] != "cudnn_dense" else ""
+      lines.append(f"| {r['seq_len']} | {r['heads']} | {r.get('mask', '')} | "
+                   f"{_fmt(r.get('density'), '.3f')} | {r['impl']} | {r['time_ms']:.3f} | {ratio} | "
+                   f"{_fmt(r.get('rel_err'), '.1e')} |")
+    lines.append("")
+  return lines
+
+
+def e2e_table(runs):
+  lines = []
+  for name, run in runs:
+    rows = [r for r in run["rows"] if "total_s" in r]
+    base = {r["tokens"]: r["total_s"] for r in rows if r["mode"] == "dense_cudnn"}
+    lines += [f"`{name}` ({run['card']}, jax {run['jax']}, {run.get('model', '')})", "",
+              "| mode | video | tokens | steps | total s | ms/step by kind | sparsity | peak GB | speedup |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+      kinds = ", ".join(f"{k} {v:.0f}" for k, v in r["per_step_ms_by_kind"].items())
+      sp = f"{base[r['tokens']] / r['total_s']:.2f}x" if r["tokens"] in base else ""
+      lines.append(f"| {r['mode']} | {r['frames']}x{r['height']}x{r['width']} | {r['tokens']} | "
+                   f"{r['steps']} | {r['total_s']:.1f} | {kinds} | {r['sparsity']:.1%} | "
+                   f"{r['peak_mem_gb']:.1f} | {sp} |")
+    lines.append("")
+  return lines
+
+
+def overhead_table(runs):
+  lines = []
+  for name, run in runs:
+    lines += [f"`{name}` ({run['card']}, jax {run['jax']})", "",
+              "| S | what | time ms | x one dense attention |", "|---|---|---|---|"]
+    for r in run["rows"]:
+      lines.append(f"| {r['seq_len']} | {r['what']} | {r['time_ms']:.3f} | {r['ratio']:.3f} |")
+    lines.append("")
+  return lines
+
+
+def quality_table(runs):
+  lines = []
+  for name, run in runs:
+    lines += [f"`{name}` ({run['card']}, jax {run['jax']})", "",
+              "| method | sparsity | PSNR dB | SSIM | mask recall | seeds |", "|---|---|---|---|---|---|"]
+    for r in run["rows"]:
+      recall = r.get("mask_recall")
+      if isinstance(recall, dict):
+        recall = ", ".join(f"{k} {v:.3f}" for k, v in recall.items())
+      elif recall is not None:
+        recall = f"{recall:.3f}"
+      lines.append(f"| {r['method']} | {r['sparsity']:.1%} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+                   f"{recall or ''} | {r['seeds']} |")
+    lines.append("")
+  return lines
+
+
+RENDERERS = {"kernel": kernel_table, "e2e": e2e_table, "overhead": overhead_table,
+             "quality": quality_table}
+
+
+def render(readme: str) -> str:
+  for kind, fn in RENDERERS.items():
+    pattern = re.compile(rf"(<!-- results:{kind} -->\n).*?(<!-- /results:{kind} -->)", re.S)
+    body = "\n".join(fn(_load(kind))) or "(no results yet)"
+    readme = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), readme)
+  return readme
+
+
+def main():
+  path = os.path.join(ROOT, "README.md")
+  with open(path) as f:
+    text = f.read()
+  with open(path, "w") as f:
+    f.write(render(text))
+
+
+if __name__ == "__main__":
+  main()
