@@ -61,7 +61,7 @@ MASKS = ("random", "mod")
 L2_BYTES = 50 * 2**20          # H100/H200 L2; smaller input sets are rotated
 
 # Triton tiling variants tried in the sweep (block_k, num_warps, num_stages).
-TRITON_SWEEP = ((64, 4, 2), (64, 8, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3))
+TRITON_SWEEP = ((64, 8, 3), (64, 4, 3), (64, 8, 2), (64, 4, 2), (64, 8, 4), (128, 8, 3), (128, 4, 3), (128, 8, 2))
 
 
 # ----------------------------------------------------------------------------

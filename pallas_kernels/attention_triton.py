@@ -47,31 +47,42 @@ _MASK_VALUE = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
-  """Tiling and launch parameters.
+  """Tiling and launch parameters; None picks the per-head_dim default.
+
+  Defaults follow the tuned FlexAttention forward configs for H100 bf16
+  (torch inductor `h100_default_flex_config`): D=128 -> block_k 64, 8 warps,
+  3 stages; D=64 -> block_k 128, 4 warps, 3 stages. block_k is capped at the
+  mask block size.
 
   Attributes:
     block_k: key tile of the inner loop; divides the mask block size.
-    num_warps: warps per program; None picks 4 for D=64 and 8 for D=128.
+    num_warps: warps per program.
     num_stages: software-pipelining depth of the key loop.
   """
 
-  block_k: int = 64
+  block_k: Optional[int] = None
   num_warps: Optional[int] = None
-  num_stages: int = 2
+  num_stages: Optional[int] = None
 
-  def validate(self, block_size: int, head_dim: int) -> None:
+  def resolve(self, block_size: int, head_dim: int) -> "TritonConfig":
+    small = head_dim <= 64
+    block_k = self.block_k or min(block_size, 128 if small else 64)
+    cfg = TritonConfig(block_k=block_k,
+                       num_warps=self.num_warps or (4 if small else 8),
+                       num_stages=self.num_stages or 3)
+    cfg.validate(block_size)
+    return cfg
+
+  def validate(self, block_size: int) -> None:
     if self.block_k not in (16, 32, 64, 128) or block_size % self.block_k:
       raise ValueError(
           f"TritonConfig.block_k must be one of 16, 32, 64, 128 and divide "
           f"block_size={block_size}, got {self.block_k}")
-    if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
+    if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(
           f"TritonConfig.num_warps must be a power of 2 in [1, 16], got {self.num_warps}")
     if self.num_stages < 1:
       raise ValueError(f"TritonConfig.num_stages must be >= 1, got {self.num_stages}")
-
-  def warps(self, head_dim: int) -> int:
-    return self.num_warps or (4 if head_dim <= 64 else 8)
 
 
 DEFAULT_CONFIG = TritonConfig()
@@ -143,19 +154,28 @@ def _attention_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *out_refs,
       acc = alpha[:, None] * acc + pv
     return acc, m_next, l_next
 
+  width = idx_ref.shape[0]
+
   def body(t, carry):
+    # The key offset of this tile is carried from the previous iteration; the
+    # next one is computed here, its table load issued before the tile's
+    # math, so the load latency hides behind compute and the K/V loads of
+    # the pipelined next iteration depend only on a loop-carried value (as
+    # in FlexAttention's get_offset_for_next_block).
+    start, acc, m, l = carry
+    t1 = t + 1
     if sub == 1:
-      start = idx_ref[t] * block_size
+      nxt = idx_ref[jnp.minimum(t1, width - 1)] * block_size
     else:
       # t >= 0: lax.div/rem avoid jnp's sign-correcting floor division.
-      start = idx_ref[lax.div(t, sub)] * block_size + lax.rem(t, sub) * block_k
-    start = pl.multiple_of(start, block_k)
-    return tile(start, carry, masked=False)
+      jump = idx_ref[jnp.minimum(lax.div(t1, sub), width - 1)] * block_size
+      nxt = jnp.where(lax.rem(t1, sub) == 0, jump, start + block_k)
+    acc, m, l = tile(pl.multiple_of(start, block_k), (acc, m, l), masked=False)
+    return nxt, acc, m, l
 
   acc = jnp.zeros((block_size, head_dim) if with_out else (), jnp.float32)
   m = jnp.full((block_size,), -jnp.inf, jnp.float32)
   l = jnp.zeros((block_size,), jnp.float32)
-  carry = (acc, m, l)
 
   if has_tail:
     last = idx_ref[jnp.maximum(count - 1, 0)]
@@ -163,7 +183,9 @@ def _attention_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *out_refs,
     n_main = count - tail_active.astype(jnp.int32)
   else:
     n_main = count
-  carry = lax.fori_loop(0, n_main * sub, body, carry)
+  start0 = idx_ref[0] * block_size
+  _, acc, m, l = lax.fori_loop(0, n_main * sub, body, (start0, acc, m, l))
+  carry = (acc, m, l)
 
   if has_tail:
     n_tail_tiles = -(-k_tail_len // block_k)   # tiles holding valid keys
@@ -198,7 +220,7 @@ def _fwd(q, k, v, indices, counts, *, block_size: int, sm_scale: float,
   b, s, h, d = q.shape
   n = -(-s // block_size)
   w = indices.shape[-1]
-  config.validate(block_size, d)
+  config = config.resolve(block_size, d)
   if b > 1 and b * s * h * d >= _MAX_I32_ELEMENTS:
     # The Triton lowering addresses with int32 offsets: run one batch element
     # at a time rather than overflow.
@@ -256,7 +278,7 @@ def _fwd(q, k, v, indices, counts, *, block_size: int, sm_scale: float,
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(
-          num_warps=config.warps(d), num_stages=config.num_stages),
+          num_warps=config.num_warps, num_stages=config.num_stages),
       interpret=interpret,
       name="block_sparse_attention_fwd" if with_out else "block_sparse_lse",
   )(*operands)

@@ -113,6 +113,7 @@ CASES = [
     pytest.param(2, 200, 1, 128, 64, jnp.bfloat16, 0.5, id="s=200_block=64_d=128_bf16"),
     pytest.param(1, 300, 2, 64, 128, jnp.bfloat16, 0.6, id="s=300_block=128_d=64_bf16"),
     pytest.param(1, 250, 1, 64, 128, jnp.float32, 0.6, id="s=250_block=128_d=64_f32"),
+    pytest.param(1, 330, 1, 128, 128, jnp.bfloat16, 0.6, id="s=330_block=128_d=128_bf16"),
 ]
 
 
@@ -300,6 +301,23 @@ def test_triton_splits_batch_past_int32(monkeypatch):
   attention_triton._fwd.clear_cache()
   np.testing.assert_array_equal(whole[0], split[0])
   np.testing.assert_array_equal(whole[1], split[1])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_triton_sub_tiles(block_k):
+  """block_k < block_size: several key tiles per mask block (carried offsets)."""
+  from pallas_kernels import attention_triton
+  q, k, v = _qkv(20, B, S, H, D, jnp.float32)
+  mask = _random_mask(20, B, H, N, 0.5, empty_rows=(1,))
+  cfg = attention_triton.TritonConfig(block_k=block_k, num_warps=4, num_stages=2)
+  out, lse = attention_triton.block_sparse_attention_fwd(
+      q, k, v, compact_block_mask(mask), block_size=BLOCK, interpret=INTERPRET,
+      config=cfg)
+  ref, ref_lse = pk.block_sparse_attention_reference(q, k, v, mask, block_size=BLOCK,
+                                                     return_lse=True)
+  assert _rel_err(out, ref) < TOL[jnp.float32]
+  np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
 
 
 def test_user_table_is_clipped_into_range():
