@@ -20,10 +20,14 @@ The "text" condition is a learned table: label -> [TEXT_LEN, TEXT_DIM] tokens,
 stored beside the DiT params: params = {"dit": ..., "label_embedding":
 [NUM_CLASSES + 1, TEXT_LEN, TEXT_DIM]} (last row: the null label).
 
-DIR holds: meta.json, state/ (orbax) or state.npz, loss.json (+ loss.png with
-matplotlib), demo.safetensors + demo.json (EMA DiT in bf16, `models.save_params`
-format) and demo_labels.safetensors (the label table, bf16, plus the demo's
-sizes and sampling defaults as metadata), samples.png / samples.npy.
+DIR holds (flat, at most 9 files, each < 16 MiB, so it can travel to and from the
+GPU machine; see --checkpoint-format):
+  meta.json, state-<step>-<i>.npz     the train state (resume needs these + loss.json)
+  loss.json (+ loss.png with matplotlib)
+  demo.safetensors + demo.json         EMA DiT in bf16, `models.save_params` format
+  demo_labels.safetensors              the label table in bf16, the demo's sizes and
+                                       sampling defaults as metadata
+  samples.png                          preview videos (rows), frames left to right
 Ship: copy demo.safetensors, demo.json, demo_labels.safetensors to models/checkpoints/.
 """
 
@@ -92,6 +96,8 @@ def init_demo_params(config: DiTConfig, rng, frames: int, height: int, width: in
   """{"dit": DiT params, "label_embedding": float32 [NUM_CLASSES + 1, text_len, text_dim]}."""
   k_dit, k_label = jax.random.split(rng)
   dit = models.init_params(config, k_dit, frames, height, width, text_len)
+  # Zero-init the output projection (as DiT's adaLN-Zero): the model starts at v = 0.
+  dit["proj_out"] = jax.tree.map(jnp.zeros_like, dit["proj_out"])
   table = jax.random.normal(k_label, (NUM_CLASSES + 1, text_len, config.text_dim), jnp.float32)
   return {"dit": dit, "label_embedding": table}
 
@@ -315,30 +321,55 @@ def _state_dict(state: TrainState) -> dict:
           "opt_state": state.opt_state, "rng": state.rng}
 
 
+SHARD_BYTES = 15 * 2**20  # files back from the GPU machine must stay under 16 MiB each
+CHECKPOINT_FORMATS = ("npz", "orbax")
+
+
 def save_checkpoint(out: Path, state: TrainState, tc: TrainConfig, history: dict,
-                    fmt: str = "auto") -> str:
-  """Writes the full train state (atomically), meta.json and loss.json. Returns the format."""
+                    fmt: str = "npz") -> str:
+  """Writes the full train state, then meta.json (which commits it) and loss.json.
+
+  "npz" (default): a few flat files state-<step>-<i>.npz of at most SHARD_BYTES each,
+  so a run folder can travel to and from the GPU machine (few files, each < 16 MiB,
+  no subfolders) and resume anywhere; shards of older checkpoints are removed.
+  "orbax": an orbax StandardCheckpointer folder DIR/state (many files, nested).
+  """
+  if fmt not in CHECKPOINT_FORMATS:
+    raise ValueError(f"checkpoint format must be one of {CHECKPOINT_FORMATS}, got {fmt!r}")
   out.mkdir(parents=True, exist_ok=True)
-  if fmt == "auto":
-    fmt = "orbax" if _orbax() is not None else "npz"
+  step = int(state.step)
   tree = _state_dict(state)
+  shards = []
   if fmt == "orbax":
     ocp = _orbax()
+    if ocp is None:
+      raise RuntimeError("checkpoint format 'orbax' asked for, but orbax is not importable")
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save((out / "state").absolute(), tree, force=True)
       checkpointer.wait_until_finished()
-  elif fmt == "npz":
-    leaves = jax.tree.leaves(tree)
-    tmp = out / "state.tmp.npz"
-    with open(tmp, "wb") as f:
-      np.savez(f, **{f"leaf_{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
-    os.replace(tmp, out / "state.npz")
   else:
-    raise ValueError(f"checkpoint format must be 'auto', 'orbax' or 'npz', got {fmt!r}")
-  meta = {"format": fmt, "step": int(state.step), "train_config": dataclasses.asdict(tc),
+    groups, size = [[]], 0
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+      leaf = np.asarray(leaf)
+      if groups[-1] and size + leaf.nbytes > SHARD_BYTES:
+        groups.append([])
+        size = 0
+      groups[-1].append((i, leaf))
+      size += leaf.nbytes
+    for g, group in enumerate(groups):
+      name = f"state-{step:07d}-{g}.npz"
+      tmp = out / (name + ".tmp")
+      with open(tmp, "wb") as f:
+        np.savez(f, **{f"leaf_{i:04d}": leaf for i, leaf in group})
+      os.replace(tmp, out / name)
+      shards.append(name)
+  meta = {"format": fmt, "step": step, "shards": shards, "train_config": dataclasses.asdict(tc),
           "dit_config": tc.dit_config().to_dict(), "jax": jax.__version__}
   _write_json(out / "meta.json", meta)
   _write_json(out / "loss.json", history)
+  for old in out.glob("state-*.npz"):
+    if old.name not in shards:
+      old.unlink()
   return fmt
 
 
@@ -357,14 +388,20 @@ def load_checkpoint(out: Path) -> Optional[tuple[TrainState, TrainConfig, dict]]
     with ocp.StandardCheckpointer() as checkpointer:
       tree = checkpointer.restore((out / "state").absolute(), template)
   else:
-    with np.load(out / "state.npz") as data:
-      leaves = [data[f"leaf_{i:04d}"] for i in range(len(data.files))]
+    arrays = {}
+    for name in meta["shards"]:
+      if not (out / name).exists():
+        raise FileNotFoundError(f"checkpoint shard {str(out / name)!r} (listed in meta.json) "
+                                f"does not exist")
+      with np.load(out / name) as data:
+        arrays.update({k: data[k] for k in data.files})
     shapes = jax.tree.leaves(template)
-    if len(leaves) != len(shapes):
-      raise ValueError(f"{out / 'state.npz'} has {len(leaves)} arrays, the state needs {len(shapes)}")
-    for leaf, shape in zip(leaves, shapes):
+    if len(arrays) != len(shapes):
+      raise ValueError(f"{out} holds {len(arrays)} state arrays, the state needs {len(shapes)}")
+    leaves = [arrays[f"leaf_{i:04d}"] for i in range(len(shapes))]
+    for i, (leaf, shape) in enumerate(zip(leaves, shapes)):
       if leaf.shape != shape.shape or leaf.dtype != shape.dtype:
-        raise ValueError(f"{out / 'state.npz'}: array {leaf.shape} {leaf.dtype} where the "
+        raise ValueError(f"{out}: state array {i} is {leaf.shape} {leaf.dtype} where the "
                          f"state needs {shape.shape} {shape.dtype}")
     tree = jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(x) for x in leaves])
   history_file = out / "loss.json"
@@ -535,7 +572,9 @@ def _parse(argv):
   p.add_argument("--checkpoint-every", type=int, default=1000)
   p.add_argument("--log-every", type=int, default=50)
   p.add_argument("--eval-every", type=int, default=500)
-  p.add_argument("--checkpoint-format", default="auto", choices=("auto", "orbax", "npz"))
+  p.add_argument("--checkpoint-format", default="npz", choices=CHECKPOINT_FORMATS,
+                 help="npz: a few flat files < 16 MiB (travels to/from the GPU machine); "
+                      "orbax: an orbax folder")
   p.add_argument("--export", default=None,
                  help="path of the exported .safetensors (default DIR/demo.safetensors)")
   p.add_argument("--num-samples", type=int, default=8, help="preview videos at the end (0: none)")
@@ -581,19 +620,23 @@ def main(argv=None) -> int:
 
   eval_key = jax.random.key(1234)
   fmt = args.checkpoint_format
+  if restored is not None and json.loads((out / "meta.json").read_text())["format"] != fmt:
+    fmt = json.loads((out / "meta.json").read_text())["format"]
   reserve = 20.0 + (60.0 if args.num_samples else 0.0)   # final checkpoint, export, samples
   last_ckpt_s = 2.0
   step = start_step = int(state.step)                     # host mirror of state.step
   pending, compiled_at, last_log = [], None, None
 
-  def log(pending, now):
+  def log(pending):
     fetched = jax.device_get(pending)
+    now = time.time()
     mean = lambda name: float(np.mean([m[name] for m in fetched]))
     history["step"].append(step)
     history["loss"].append(mean("loss"))
     history["grad_norm"].append(mean("grad_norm"))
     history["lr"].append(float(fetched[-1]["lr"]))
     history["time"].append(now - _T0)
+    return now
 
   while step < tc.total_steps and not stop["signal"]:
     state, metrics = train_step(tc, state)
@@ -608,8 +651,7 @@ def main(argv=None) -> int:
     pending.append(metrics)
     if len(pending) < args.log_every and step < tc.total_steps:
       continue
-    now = time.time()
-    log(pending, now)
+    now = log(pending)
     rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
     print(f"step {step:6d} loss {history['loss'][-1]:.4f} grad_norm {history['grad_norm'][-1]:.3f} "
           f"lr {history['lr'][-1]:.2e} | {rate:.2f} steps/s {rate * tc.batch_size:.1f} samples/s "
@@ -628,7 +670,7 @@ def main(argv=None) -> int:
     if time.time() - _T0 + args.log_every / max(rate, 1e-9) + reserve + last_ckpt_s > budget:
       break
   if pending:
-    log(pending, time.time())
+    log(pending)
   jax.block_until_ready(state)
   loop_end = time.time()
   history["eval_step"].append(step)
@@ -653,11 +695,13 @@ def main(argv=None) -> int:
   if args.num_samples and time.time() - _T0 < budget - 15:
     labels = jnp.arange(args.num_samples, dtype=jnp.int32) * 5 % NUM_CLASSES
     t = time.time()
-    videos = sample(config, state.ema, labels, jax.random.key(0), frames=tc.frames,
+    sample_config = config
+    if jax.default_backend() == "cpu":  # bf16 matmuls are slow on CPU
+      sample_config = dataclasses.replace(config, dtype="float32")
+    videos = sample(sample_config, state.ema, labels, jax.random.key(0), frames=tc.frames,
                     height=tc.height, width=tc.width, steps=DEMO_SAMPLING["num_inference_steps"],
                     guidance_scale=DEMO_SAMPLING["guidance_scale"], shift=DEMO_SAMPLING["shift"])
     videos = np.asarray(videos)
-    np.save(out / "samples.npy", videos)
     write_png(out / "samples.png", video_grid(videos))
     print(f"samples ({time.time() - t:.1f}s): {out / 'samples.png'}; labels "
           + "; ".join(f"{int(l)}={demo_data.describe_label(int(l))}" for l in labels), flush=True)

@@ -89,16 +89,25 @@ def test_overfits_a_fixed_batch(trained, fixed_batch):
   assert 0 < delta(after.ema, before.params)
 
 
-@pytest.mark.parametrize("fmt", ["npz", "orbax"])
-def test_checkpoint_resume_gives_the_same_state(trained, fixed_batch, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["npz", "npz_sharded", "orbax"])
+def test_checkpoint_resume_gives_the_same_state(trained, fixed_batch, tmp_path, monkeypatch, fmt):
   if fmt == "orbax" and T._orbax() is None:
     pytest.skip("orbax not importable")
+  if fmt == "npz_sharded":
+    monkeypatch.setattr(T, "SHARD_BYTES", 20_000)
+    fmt = "npz"
   _, state, _ = trained
   state = jax.tree.map(jnp.copy, state)
   history = T._new_history()
   history["step"].append(30)
   history["loss"].append(1.0)
   assert T.save_checkpoint(tmp_path, state, TC, history, fmt) == fmt
+  if fmt == "npz" and T.SHARD_BYTES > 20_000:  # shards of an older checkpoint go; the newest is what loads
+    T.save_checkpoint(tmp_path, dataclasses.replace(state, step=state.step - 1), TC, history, fmt)
+    T.save_checkpoint(tmp_path, state, TC, history, fmt)
+    assert [p.name for p in tmp_path.glob("state-*.npz")] == ["state-0000030-0.npz"]
+  if T.SHARD_BYTES == 20_000:
+    assert len(list(tmp_path.glob("state-*.npz"))) > 3
   restored_state, restored_tc, restored_history = T.load_checkpoint(tmp_path)
   assert restored_tc == TC and restored_history == history
   chex.assert_trees_all_equal(restored_state, state)
