@@ -38,7 +38,9 @@ def latent_size(frames, height, width):
 
 
 def modes(n_blocks: int, target_density: float):
-  top_k = max(1, int(round(target_density * n_blocks)))  # random weights rank columns first
+  # Random weights give near-uniform maps: about half of the kept lines land in
+  # a row (columns first, then short diagonals), so 2 x density x n lines.
+  top_k = max(1, int(round(2 * target_density * n_blocks)))
   mod = dict(top_k=top_k, warmup_steps=12, interval=10)
   return {
       "dense_cudnn": modjax.DenseConfig(implementation="cudnn"),
