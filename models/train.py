@@ -118,8 +118,8 @@ class TrainConfig:
   height: int = DEMO_HEIGHT
   width: int = DEMO_WIDTH
   dtype: str = "bfloat16"          # compute dtype; params stay float32
-  lr: float = 5e-4
-  warmup_steps: int = 500
+  lr: float = 1e-3
+  warmup_steps: int = 300
   total_steps: int = 20000         # length of the cosine schedule; training stops there
   end_lr_fraction: float = 0.05
   weight_decay: float = 0.01
