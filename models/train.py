@@ -6,7 +6,8 @@ Runs until --minutes of wall time (from process start, compile included) or
 --total-steps, then checkpoints, exports the EMA params and renders a few
 samples. Re-running with the same --out resumes from DIR (params, EMA, optimizer
 state, step, rng, loss curve); the saved training config wins over the flags,
-except the time budget. So a long run is a chain of short jobs.
+except --total-steps (to extend a run) and the time budget. So a long run is a
+chain of short jobs.
 
 Objective: rectified flow / flow matching with the convention of Wan and
 diffusers' FlowMatchEulerDiscreteScheduler:
@@ -705,6 +706,9 @@ def main(argv=None) -> int:
     write_png(out / "samples.png", video_grid(videos))
     print(f"samples ({time.time() - t:.1f}s): {out / 'samples.png'}; labels "
           + "; ".join(f"{int(l)}={demo_data.describe_label(int(l))}" for l in labels), flush=True)
+  files = sorted(p.name for p in out.iterdir() if p.is_file())
+  print(f"{out}: {' '.join(files)}\n  resume needs meta.json loss.json state-*.npz; ship "
+        f"{export.name} {export.with_suffix('.json').name} {LABELS_FILE}", flush=True)
   print(f"done in {time.time() - _T0:.0f}s", flush=True)
   return 0
 
