@@ -41,6 +41,9 @@ class AttentionControl:
   block_size: int = struct.field(pytree_node=False, default=128)
   threshold: float = struct.field(pytree_node=False, default=1e-4)
   oracle_keep: int = struct.field(pytree_node=False, default=0)
+  # Diagnostic: also return "mask_recall" [B, H], the share of the dense softmax
+  # mass inside the mask used (sparse modes only; costs a dense pass).
+  record_recall: bool = struct.field(pytree_node=False, default=False)
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -88,16 +91,26 @@ def self_attention(q, k, v, control: Optional[AttentionControl] = None):
     out = pallas_kernels.block_sparse_attention(
         q, k, v, mask, block_size=control.block_size,
         implementation=control.sparse_implementation)
-    return out, {}
+    return out, _recall_stats(q, k, mask, control)
   if control.mode == "sparse":
     out = pallas_kernels.block_sparse_attention(
         q, k, v, control.block_mask, block_size=control.block_size,
         implementation=control.sparse_implementation)
-    return out, {}
+    return out, _recall_stats(q, k, control.block_mask, control)
   # Both *_map modes run our flash pass (which yields the row log-sum-exp the
   # map needs) and the QK-only map pass; dense_map passes no mask.
   block_mask = control.block_mask if control.mode == "sparse_map" else None
   out, smap = pallas_kernels.block_sparse_attention_with_map(
       q, k, v, block_mask, block_size=control.block_size,
       threshold=control.threshold, implementation=control.sparse_implementation)
-  return out, {"sparsity_map": smap}
+  stats = {"sparsity_map": smap}
+  if block_mask is not None:
+    stats.update(_recall_stats(q, k, block_mask, control))
+  return out, stats
+
+
+def _recall_stats(q, k, block_mask, control: AttentionControl) -> dict:
+  if not control.record_recall:
+    return {}
+  from pallas_kernels.attention_reference import mask_recall
+  return {"mask_recall": mask_recall(q, k, block_mask, block_size=control.block_size)}

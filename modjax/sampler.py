@@ -36,6 +36,7 @@ class SamplerSettings:
   attention: cfg_lib.AttentionConfig = cfg_lib.DenseConfig()
   progress: bool = False
   record_step_times: bool = False  # host timestamp after each step (benchmarks)
+  record_recall: bool = False      # mask recall per step and layer (costs a dense pass)
 
   def __post_init__(self):
     for name in ("frames", "height", "width", "num_inference_steps"):
@@ -55,6 +56,9 @@ class SampleOutput:
   density: jax.Array      # float32 [steps, L]: fraction of blocks computed, per step and layer
   step_kinds: jax.Array   # int32 [steps]: StepKind of each step
   state: Any = None       # final attention-policy state (MODState for MOD-DiT)
+  # float32 [steps, L] with record_recall: share of the dense attention mass of
+  # that step inside the mask used (1 on dense steps); else None.
+  mask_recall: Optional[jax.Array] = None
 
 
 def geometry(model_config, settings: SamplerSettings, rows: int) -> policies.Geometry:
@@ -105,7 +109,8 @@ def _step_inputs(settings: SamplerSettings, policy):
 
 
 def make_step(model_config, settings: SamplerSettings, policy, used_kinds, params, context):
-  """The body shared by the scan and the Python-loop modes: (carry, xs) -> (carry, density)."""
+  """The body shared by the scan and the Python-loop modes:
+  (carry, xs) -> (carry, (density [L], mask recall [L]))."""
   guidance = settings.uses_guidance
   steps = settings.num_inference_steps
 
@@ -113,9 +118,13 @@ def make_step(model_config, settings: SamplerSettings, policy, used_kinds, param
     def run(operand):
       x_in, t, state = operand
       control = policy.control(state, kind)
+      if settings.record_recall:
+        control = control.replace(record_recall=True)
       velocity, stats = models.apply(model_config, params, x_in, t, context, control)
       density = policy.density(state, kind)
-      return velocity.astype(jnp.float32), policy.update(state, stats, kind), density
+      recall = (jnp.mean(stats["mask_recall"], axis=(1, 2)) if "mask_recall" in stats
+                else jnp.ones((model_config.num_layers,), jnp.float32))
+      return velocity.astype(jnp.float32), policy.update(state, stats, kind), (density, recall)
     return run
 
   branches = [branch_fn(k) for k in used_kinds]
@@ -126,9 +135,9 @@ def make_step(model_config, settings: SamplerSettings, policy, used_kinds, param
     t = jnp.full((x_in.shape[0],), xs["sigma"] * 1000.0, jnp.float32)
     operand = (x_in.astype(model_config.dtype), t, state)
     if len(branches) == 1:
-      velocity, state, density = branches[0](operand)
+      velocity, state, per_step = branches[0](operand)
     else:
-      velocity, state, density = jax.lax.switch(xs["branch"], branches, operand)
+      velocity, state, per_step = jax.lax.switch(xs["branch"], branches, operand)
     if guidance:
       v_cond, v_uncond = jnp.split(velocity, 2, axis=0)
       velocity = v_uncond + settings.guidance_scale * (v_cond - v_uncond)
@@ -138,7 +147,7 @@ def make_step(model_config, settings: SamplerSettings, policy, used_kinds, param
     if settings.record_step_times:
       # depends on the new latents, so it fires when this step's work is done
       jax.debug.callback(_record_step_time, xs["step"], latents.ravel()[0], ordered=True)
-    return (latents, state), density
+    return (latents, state), per_step
 
   return step
 
@@ -169,17 +178,17 @@ def sample_fn(model_config, settings: SamplerSettings, *, loop: str = "scan") ->
     step = make_step(model_config, settings, policy, used, params, ctx)
     carry = (latents, policy.init())
     if loop == "scan":
-      carry, density = jax.lax.scan(step, carry, jax.tree.map(jnp.asarray, xs))
+      carry, (density, recall) = jax.lax.scan(step, carry, jax.tree.map(jnp.asarray, xs))
     else:
       jstep = jax.jit(step)
       per_step = []
       for i in range(settings.num_inference_steps):
         carry, d = jstep(carry, jax.tree.map(lambda a: jnp.asarray(a[i]), xs))
         per_step.append(d)
-      density = jnp.stack(per_step)
+      density, recall = (jnp.stack(x) for x in zip(*per_step))
     latents, state = carry
-    return SampleOutput(latents=latents, density=density,
-                        step_kinds=jnp.asarray(kinds), state=state)
+    return SampleOutput(latents=latents, density=density, step_kinds=jnp.asarray(kinds),
+                        state=state, mask_recall=recall if settings.record_recall else None)
 
   return run
 

@@ -109,3 +109,34 @@ def block_sparse_lse(q, k, table: Optional[BlockTable], *, block_size: int,
   """Backend entry point for the map pass: lse float32 [B, H, S] only."""
   return block_sparse_attention_fwd(q, k, k, table, block_size=block_size,
                                     sm_scale=sm_scale, interpret=interpret)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale"))
+def mask_recall(q, k, block_mask, *, block_size: int = 128,
+                sm_scale: Optional[float] = None) -> jax.Array:
+  """Share of the dense softmax mass that falls inside `block_mask`, float32 [B, H].
+
+  The diagnostic of a mask's quality: for every valid query row the dense
+  probabilities p = softmax(sm_scale q k^T) over all valid keys, summed over the
+  key blocks the mask keeps, averaged over rows. 1.0 for a full mask. Computed
+  one query block at a time (memory [B, H, block_size, S]).
+  """
+  b, s, h, d = q.shape
+  n = -(-s // block_size)
+  scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+  mask = _expand_mask(block_mask, b, h, n)
+  pad = n * block_size - s
+  qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+  kf = k.astype(jnp.float32)
+  key_block = jnp.arange(s) // block_size
+
+  def one_block(i):
+    qi = jax.lax.dynamic_slice_in_dim(qf, i * block_size, block_size, axis=1)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qi, kf, precision="highest") * scale
+    p = jax.nn.softmax(logits, axis=-1)                       # [B, H, bq, S]
+    kept = jnp.take(mask[:, :, i, :], key_block, axis=-1)     # [B, H, S]
+    inside = jnp.sum(p * kept[:, :, None, :], axis=-1)        # [B, H, bq]
+    valid = (i * block_size + jnp.arange(block_size)) < s
+    return jnp.sum(jnp.where(valid, inside, 0.0), axis=-1)    # [B, H]
+
+  return jnp.sum(jax.lax.map(one_block, jnp.arange(n)), axis=0) / s

@@ -144,3 +144,15 @@ def test_bad_settings_raise_clear_errors():
   config, _ = _model()
   with pytest.raises(ValueError, match="height"):
     modjax.sample_fn(config, modjax.SamplerSettings(frames=2, height=3, width=4))
+
+
+def test_mask_recall_is_recorded_per_step_and_layer():
+  config, params = _model()
+  settings = _settings(modjax.MODConfig(top_k=3, **MOD_SMALL), record_recall=True)
+  out = jax.jit(modjax.sample_fn(config, settings))(params, *_inputs(1))
+  recall, kinds = np.asarray(out.mask_recall), np.asarray(out.step_kinds)
+  chex.assert_shape(recall, (STEPS, config.num_layers))
+  assert (recall[kinds == StepKind.DENSE] == 1).all()
+  sparse = recall[kinds == StepKind.SPARSE]
+  assert ((sparse > 0) & (sparse < 1)).all()
+  assert _run(modjax.DenseConfig()).mask_recall is None

@@ -135,3 +135,19 @@ def test_check_block_table_errors():
     check_block_table(BlockTable(good.indices, good.counts[..., :2]), 3)
   with pytest.raises(ValueError, match="BlockTable"):
     check_block_table(np.ones((3, 3), bool), 3)
+
+
+@pytest.mark.parametrize("seq_len", [64, 200])
+def test_mask_recall_matches_brute_force(seq_len):
+  from pallas_kernels.attention_reference import mask_recall
+  kq, kk, km = jax.random.split(jax.random.key(seq_len), 3)
+  q = jax.random.normal(kq, (2, seq_len, 3, 16)) * 2
+  k = jax.random.normal(kk, (2, seq_len, 3, 16)) * 2
+  n = -(-seq_len // 32)
+  mask = jax.random.bernoulli(km, 0.5, (2, 3, n, n))
+  p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0, axis=-1)
+  blocks = jnp.arange(seq_len) // 32
+  expected = (p * mask[:, :, blocks][:, :, :, blocks]).sum(-1).mean(-1)
+  got = mask_recall(q, k, mask, block_size=32)
+  chex.assert_trees_all_close(got, expected, atol=1e-5)
+  assert np.allclose(mask_recall(q, k, jnp.ones_like(mask), block_size=32), 1.0, atol=1e-5)
