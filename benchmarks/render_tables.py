@@ -27,19 +27,34 @@ def _fmt(x, spec):
 
 
 def kernel_table(runs):
+  """One row per (S, H, mask, density): cuDNN dense, FlexAttention, ours, the map pass."""
   lines = []
   for name, run in runs:
     rows = [r for r in run["rows"] if not r.get("sweep") and "time_ms" in r]
     dense = {(r["seq_len"], r["heads"]): r["time_ms"] for r in rows if r["impl"] == "cudnn_dense"}
-    lines += [f"`{name}` ({run['card']}, jax {run['jax']})", "",
-              "| S | H | mask | density | impl | time ms | vs cuDNN dense | rel err |",
-              "|---|---|---|---|---|---|---|---|"]
+    cells = {}
     for r in rows:
-      base = dense.get((r["seq_len"], r["heads"]))
-      ratio = f"{base / r['time_ms']:.2f}x" if base and r["impl"] != "cudnn_dense" else ""
-      lines.append(f"| {r['seq_len']} | {r['heads']} | {r.get('mask', '')} | "
-                   f"{_fmt(r.get('density'), '.3f')} | {r['impl']} | {r['time_ms']:.3f} | {ratio} | "
-                   f"{_fmt(r.get('rel_err'), '.1e')} |")
+      if r["impl"] in ("cudnn_dense", "pallas_dense"):
+        continue
+      key = (r["seq_len"], r["heads"], r.get("mask", ""), round(r.get("density") or 1.0, 3))
+      impl = r["impl"] + (":" + r["variant"] if r.get("variant") else "")
+      cells.setdefault(key, {})[impl] = r
+    ours_name = next((i for c in cells.values() for i in c if i.startswith("ours_")), "ours_triton")
+    lines += [f"`{name}` ({run['card']}, jax {run['jax']}); map = sparsity-map pass given the "
+              "row LSE, as a fraction of one cuDNN dense call", "",
+              f"| S | H | mask | density | cuDNN dense ms | flex ms | {ours_name} ms | vs cuDNN | "
+              "vs flex | rel err | map |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(cells):
+      c, base = cells[key], dense.get(key[:2])
+      ours, flex = c.get(ours_name), c.get("flex")
+      smap = c.get("sparsity_map:given_lse")
+      t = lambda r: f"{r['time_ms']:.3f}" if r else ""
+      vs_c = f"{base / ours['time_ms']:.2f}x" if ours and base else ""
+      vs_f = f"{flex['time_ms'] / ours['time_ms']:.2f}x" if ours and flex else ""
+      err = _fmt(ours.get("rel_err") if ours else None, ".1e")
+      map_ratio = f"{smap['time_ms'] / base:.2f}" if smap and base else ""
+      lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:.3f} | {_fmt(base, '.3f')} | "
+                   f"{t(flex)} | {t(ours)} | {vs_c} | {vs_f} | {err} | {map_ratio} |")
     lines.append("")
   return lines
 
