@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import struct as pystruct

@@ -10,7 +10,6 @@ for the optional progress callback.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Optional
 
 import jax

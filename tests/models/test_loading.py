@@ -13,15 +13,12 @@ from safetensors.numpy import load_file, save_file
 
 import models
 from models import DiTConfig, loading
+from tests.models.helpers import random_params
 
 CFG = DiTConfig.tiny()
 WEIGHTS = loading.WEIGHTS_NAME
 
 
-def random_params(config, seed=0):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
-                      models.param_shapes(config))
 
 
 @pytest.fixture(scope="module")

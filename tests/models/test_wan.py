@@ -12,16 +12,12 @@ import pytest
 
 import models
 from models import DiTConfig, attention
+from tests.models.helpers import random_params
 
 CFG = DiTConfig.tiny()
 B, F, H, W, TEXT_LEN = 2, 2, 4, 6, 5
 
 
-def random_params(config, seed=0):
-  """Fresh normal params of the right shapes (no init compile), in the config's layout."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
-                      models.param_shapes(config))
 
 
 @pytest.fixture(scope="module")

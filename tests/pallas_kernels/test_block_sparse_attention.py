@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 import pallas_kernels as pk
 from pallas_kernels import BlockTable, compact_block_mask
 from pallas_kernels.block_table import block_mask_from_table
+from tests.pallas_kernels.lowering import lower
 
 PLATFORM = jax.default_backend()
 INTERPRET = PLATFORM == "cpu"
@@ -411,16 +412,7 @@ def test_errors():
 # Lowering at production shapes: the GPU/TPU kernels can't run here, but their
 # lowering to Triton IR / Mosaic MLIR runs in Python and catches most bugs.
 
-def _lower(fn, platform, *args):
-  try:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-  except Exception as e:  # pylint: disable=broad-except
-    msg = f"{type(e).__name__}: {e}"
-    if ("Lowering" not in type(e).__name__ and "lowering" not in str(e)[:200]
-        and ("handler" in msg or "not supported" in msg or "plugin" in msg
-             or "Unknown backend" in msg or "platform" in msg.lower())):
-      pytest.skip(f"cannot lower for {platform} here: {msg[:200]}")
-    raise
+
 
 
 LOWER_CASES = [
@@ -446,7 +438,7 @@ def test_kernel_lowers(impl, platform, s, block, d, lse_only):
   else:
     fn = lambda q, k, v, t: mod.block_sparse_attention_fwd(q, k, v, t, block_size=block)
     args = (x, x, x, table)
-  text = _lower(fn, platform, *args)
+  text = lower(fn, platform, *args)
   assert ("triton" in text) if impl == "triton" else ("tpu_custom_call" in text)
 
 

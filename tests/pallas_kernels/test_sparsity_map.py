@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import map_reference, map_tpu, map_triton, map_xla
+from tests.pallas_kernels.lowering import lower
 
 PLATFORM = jax.default_backend()
 INTERPRET = PLATFORM == "cpu"
@@ -336,18 +337,7 @@ def test_bad_arguments_raise(backend):
 # --- Lowering checks: the compiled kernels can't run here, but their lowering
 # to Triton IR / Mosaic MLIR (done in Python) can, at production shapes.
 
-def _lower(fn, platform, *args):
-  try:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-  except Exception as e:  # pylint: disable=broad-except
-    msg = f"{type(e).__name__}: {e}"
-    # Environment limits (no compiler for the platform in this jaxlib), not
-    # kernel bugs: skip. Pallas lowering errors fail the test.
-    if ("Lowering" not in type(e).__name__ and "lowering" not in str(e)[:200]
-        and ("handler" in msg or "not supported" in msg or "plugin" in msg
-             or "Unknown backend" in msg or "platform" in msg.lower())):
-      pytest.skip(f"cannot lower for {platform} here: {msg[:200]}")
-    raise
+
 
 
 LOWER_CASES = [
@@ -375,7 +365,7 @@ def test_triton_kernel_lowers_for_cuda(seq_len, block, d, sparse):
   q, lse, table = _abstract_args(seq_len, block, d, sparse)
   fn = lambda q, k, lse, t: map_triton.sparsity_map_from_lse(
       q, k, lse, t, block_size=block, threshold=1e-4, sm_scale=None)
-  text = _lower(fn, "cuda", q, q, lse, table)
+  text = lower(fn, "cuda", q, q, lse, table)
   assert "triton" in text
 
 
@@ -384,5 +374,5 @@ def test_tpu_kernel_lowers_for_tpu(seq_len, block, d, sparse):
   q, lse, table = _abstract_args(seq_len, block, d, sparse, heads=2)
   fn = lambda q, k, lse, t: map_tpu.sparsity_map_from_lse(
       q, k, lse, t, block_size=block, threshold=1e-4, sm_scale=None)
-  text = _lower(fn, "tpu", q, q, lse, table)
+  text = lower(fn, "tpu", q, q, lse, table)
   assert "tpu_custom_call" in text
