@@ -1,0 +1,558 @@
+"""Quality of MOD-DiT against dense attention on the shipped demo model.
+
+For a set of (seed, label) pairs (default 16 seeds, label = seed % NUM_CLASSES)
+the demo model is sampled once with dense attention, then with MOD-DiT over a
+small sweep (top_k fraction x refresh mode, plus a shorter warm-up and a shorter
+interval), and with the baselines of ALGORITHM.md section 7 at the sparsity each
+MOD run measured: oracle and static window at density = 1 - that sparsity (same
+block size and warm-up), warm-up reuse with the same top_k and schedule. Every
+video is compared with the dense video of the same pair: PSNR and SSIM on
+frames mapped to [0, 1], plus the measured sparsity and the mask recall (share
+of the true attention mass inside the mask) on sparse and on refresh steps.
+"sparsity" is ALGORITHM.md's (sparse steps only, what the baselines are
+matched to); "sparsity_post_warmup" also counts the refresh steps (a dense
+refresh computes every block), the fairer figure for MOD-DiT's total work.
+
+All pairs run as one batch (or chunks of --batch) from one noise key, the same
+for every method, so video i of every method starts from the same noise.
+
+Writes a "quality" JSON (rewritten after every run, so a time-out loses
+nothing), a sparsity-vs-PSNR plot and a dense | MOD-DiT GIF of the first pair.
+
+  PYTHONPATH=. python benchmarks/quality.py                  # full sweep (GPU)
+  PYTHONPATH=. python benchmarks/quality.py --quick          # CPU smoke, ~1-2 min
+  PYTHONPATH=. python benchmarks/quality.py --out-dir /tmp/q --max-minutes 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import modjax
+from modjax import pipeline
+from modjax.schedule import StepKind
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ---------------------------------------------------------------------- metrics
+
+PSNR_CAP = 100.0  # dB reported for identical videos (MSE 0)
+
+
+def to_unit(video: np.ndarray, pixel_space: bool, reference: Optional[np.ndarray] = None) -> np.ndarray:
+  """Videos [..., C, F, H, W] -> float64 in [0, 1] for the metrics.
+
+  Pixel-space models: clip [-1, 1] and map linearly (what a viewer sees).
+  Latent models: scale by the reference's min/max (no clipping), so the data
+  range of the metrics is 1 either way.
+  """
+  video = np.asarray(video, np.float64)
+  if pixel_space:
+    return np.clip((video + 1.0) / 2.0, 0.0, 1.0)
+  ref = video if reference is None else np.asarray(reference, np.float64)
+  lo, hi = float(ref.min()), float(ref.max())
+  return (video - lo) / max(hi - lo, 1e-12)
+
+
+def psnr(x: np.ndarray, ref: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+  """PSNR in dB per video: inputs [B, ...] -> [B] (mean squared error over all
+  other axes); identical videos give PSNR_CAP."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  if x.shape != ref.shape:
+    raise ValueError(f"psnr: shapes differ, {x.shape} vs {ref.shape}")
+  mse = np.mean((x - ref) ** 2, axis=tuple(range(1, x.ndim)))
+  with np.errstate(divide="ignore"):
+    value = 10.0 * np.log10(data_range ** 2 / mse)
+  return np.minimum(value, PSNR_CAP)
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  """1-D normalised Gaussian (the 11 x 11 window of Wang et al. is its outer product)."""
+  r = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+  w = np.exp(-(r ** 2) / (2.0 * sigma ** 2))
+  return w / w.sum()
+
+
+def _filter_valid(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """Separable 'valid' filtering of the last two axes with the 1-D window w."""
+  k = w.shape[0]
+  h, wd = x.shape[-2] - k + 1, x.shape[-1] - k + 1
+  rows = sum(w[i] * x[..., i:i + h, :] for i in range(k))
+  return sum(w[i] * rows[..., :, i:i + wd] for i in range(k))
+
+
+def ssim(x: np.ndarray, ref: np.ndarray, data_range: float = 1.0, *,
+         win_size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  """Mean SSIM per video: inputs [B, C, F, H, W] -> [B].
+
+  SSIM of Wang et al. (2004) on every frame and channel (Gaussian 11 x 11
+  window, sigma 1.5, K1 = 0.01, K2 = 0.03, valid region only), averaged over
+  pixels, frames and channels. Frames smaller than the window use a window of
+  the frame's smaller side (odd).
+  """
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  if x.shape != ref.shape:
+    raise ValueError(f"ssim: shapes differ, {x.shape} vs {ref.shape}")
+  if x.ndim < 3:
+    raise ValueError(f"ssim: need [B, ..., H, W], got shape {x.shape}")
+  side = min(x.shape[-2:])
+  size = min(win_size, side if side % 2 else side - 1)
+  w = gaussian_window(size, sigma)
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mu_x, mu_y = _filter_valid(x, w), _filter_valid(ref, w)
+  sxx = _filter_valid(x * x, w) - mu_x ** 2
+  syy = _filter_valid(ref * ref, w) - mu_y ** 2
+  sxy = _filter_valid(x * ref, w) - mu_x * mu_y
+  s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+  return s.mean(axis=tuple(range(1, s.ndim)))
+
+
+# ---------------------------------------------------------------------- sampling
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Static sizes and the sampling schedule shared by every method."""
+  frames: int
+  height: int
+  width: int
+  steps: int
+  guidance_scale: float
+  shift: float
+
+
+def _supports_recall() -> bool:
+  return "record_recall" in {f.name for f in dataclasses.fields(modjax.SamplerSettings)}
+
+
+def recall_by_kind(mask_recall, step_kinds) -> dict:
+  """Mean mask recall over the SPARSE and over the REFRESH steps (keys only for
+  kinds that occur)."""
+  if mask_recall is None:
+    return {}
+  recall = np.asarray(mask_recall, np.float64)
+  recall = recall.reshape(recall.shape[0], -1).mean(axis=1)  # [steps]
+  kinds = np.asarray(step_kinds)
+  out = {}
+  for name, kind in (("sparse", StepKind.SPARSE), ("refresh", StepKind.REFRESH)):
+    if (kinds == kind).any():
+      out[name] = float(recall[kinds == kind].mean())
+  return out
+
+
+class Runner:
+  """Samples the (seed, label) pairs with one attention config at a time."""
+
+  def __init__(self, model: pipeline.LoadedModel, setup: Setup, pairs, *, batch: int = 16,
+               noise_seed: int = 0, record_recall: bool = True):
+    self.model, self.setup, self.pairs = model, setup, list(pairs)
+    self.record_recall = record_recall and _supports_recall()
+    self.chunks = []
+    for c, start in enumerate(range(0, len(self.pairs), batch)):
+      chunk = self.pairs[start:start + batch]
+      ctx, neg = zip(*(model.make_context(1, jax.random.fold_in(jax.random.key(seed), 1), label)
+                       for seed, label in chunk))
+      key = jax.random.fold_in(jax.random.key(noise_seed), c)
+      self.chunks.append((jnp.concatenate(ctx), jnp.concatenate(neg), key, len(chunk)))
+
+  def sample(self, attention) -> tuple[np.ndarray, dict]:
+    """(videos float32 [P, C, F, H, W], info: sparsity, mask_recall, timings)."""
+    s = self.setup
+    extra = dict(record_recall=True) if self.record_recall else {}
+    settings = modjax.SamplerSettings(
+        frames=s.frames, height=s.height, width=s.width, num_inference_steps=s.steps,
+        guidance_scale=s.guidance_scale, shift=s.shift, attention=attention, **extra)
+    sampler = modjax.Sampler(self.model.config, settings)
+    videos, sparsities, post, recalls, weights = [], [], [], [], []
+    compile_s = run_s = 0.0
+    kinds = None
+    compiled_by_size = {}
+    for ctx, neg, key, size in self.chunks:
+      t0 = time.perf_counter()
+      if size not in compiled_by_size:
+        compiled_by_size[size] = sampler.lower(self.model.params, ctx, neg, key).compile()
+      compiled = compiled_by_size[size]
+      t1 = time.perf_counter()
+      out = compiled(self.model.params, ctx, neg, key)
+      videos.append(np.asarray(jax.block_until_ready(out.latents), np.float32))
+      t2 = time.perf_counter()
+      compile_s, run_s = compile_s + t1 - t0, run_s + t2 - t1
+      kinds = np.asarray(out.step_kinds)
+      sparsities.append(modjax.sparsity(out))
+      after = (kinds == StepKind.SPARSE) | (kinds == StepKind.REFRESH)
+      density = np.asarray(out.density, np.float64)
+      post.append(float(1.0 - density[after].mean()) if after.any() else 0.0)
+      recalls.append(recall_by_kind(getattr(out, "mask_recall", None), kinds))
+      weights.append(size)
+    w = np.asarray(weights, np.float64) / sum(weights)
+    recall = {k: float(sum(wi * r[k] for wi, r in zip(w, recalls))) for k in recalls[0]}
+    info = dict(sparsity=float(np.dot(w, sparsities)), mask_recall=recall,
+                sparsity_post_warmup=float(np.dot(w, post)),
+                step_kinds="".join("DMSR"[int(k)] for k in kinds),
+                compile_s=round(compile_s, 2), run_s=round(run_s, 2))
+    return np.concatenate(videos), info
+
+
+# ---------------------------------------------------------------------- the sweep
+
+@dataclasses.dataclass(frozen=True)
+class ModRun:
+  top_k: Any
+  warmup_steps: int
+  interval: int
+  refresh: str
+  block_size: int
+
+  @property
+  def label(self) -> str:
+    return f"mod k{self.top_k} W{self.warmup_steps} T{self.interval} {self.refresh}-refresh"
+
+  def config(self) -> modjax.MODConfig:
+    return modjax.MODConfig(block_size=self.block_size, warmup_steps=self.warmup_steps,
+                            interval=self.interval, top_k=self.top_k, refresh=self.refresh)
+
+
+def scaled(steps: int, value_at_50: int, minimum: int) -> int:
+  """A schedule length given for 50 steps, scaled to `steps`."""
+  return max(minimum, int(round(steps * value_at_50 / 50)))
+
+
+def default_sweep(steps: int, block_size: int, *, top_ks=(0.12, 0.05, 0.08, 0.2),
+                  refreshes=("dense", "sparse"), variants: bool = True) -> list:
+  """MOD runs in priority order (a time budget drops the tail).
+
+  Main grid: top_k fractions x refresh modes at the reference schedule scaled
+  to `steps` (W = 12/50, T = 10/50 of the steps). Variants at the first top_k
+  with dense refresh: a shorter warm-up (8/50) and a shorter interval (6/50).
+  """
+  w, t = scaled(steps, 12, 2), scaled(steps, 10, 2)
+  runs = [ModRun(k, w, t, r, block_size) for k in top_ks for r in refreshes]
+  if variants:
+    k = top_ks[0]
+    w_short, t_short = scaled(steps, 8, 2), scaled(steps, 6, 1)
+    if w_short != w:
+      runs.append(ModRun(k, w_short, t, "dense", block_size))
+    if t_short != t:
+      runs.append(ModRun(k, w, t_short, "dense", block_size))
+  return runs
+
+
+def baselines_for(run: ModRun, sparsity: float) -> list:
+  """(family, method label, config, fields) of the baselines matched to one MOD run."""
+  density = float(np.clip(round(1.0 - sparsity, 4), 1e-3, 1.0))
+  common = dict(block_size=run.block_size, warmup_steps=run.warmup_steps)
+  fields = dict(density=density, matched_to=run.label, **common)
+  return [
+      ("oracle", f"oracle d{density:.3f} W{run.warmup_steps}",
+       modjax.OracleConfig(density=density, **common), fields),
+      ("static_window", f"static window d{density:.3f} W{run.warmup_steps}",
+       modjax.StaticWindowConfig(density=density, **common), fields),
+      ("warmup_reuse", f"warm-up reuse k{run.top_k} W{run.warmup_steps} T{run.interval}",
+       modjax.warmup_reuse(top_k=run.top_k, interval=run.interval, **common),
+       dict(top_k=run.top_k, interval=run.interval, refresh="none", matched_to=run.label, **common)),
+  ]
+
+
+def _stats(values: np.ndarray) -> tuple[float, float]:
+  return float(np.mean(values)), float(np.std(values))
+
+
+def run_quality(model: pipeline.LoadedModel, setup: Setup, pairs, mod_runs, *,
+                batch: int = 16, noise_seed: int = 0, baselines: bool = True,
+                record_recall: bool = True, deadline: Optional[float] = None,
+                on_update: Optional[Callable[..., None]] = None,
+                log: Callable[[str], None] = print) -> dict:
+  """The benchmark's core: dense reference, then each MOD run and its matched
+  baselines. Returns the result dict; `on_update(result, videos, final=False)`
+  is called after every run and once more with final=True at the end (videos:
+  {"dense": [P, C, F, H, W], method label: the first pair's video [C, F, H, W]}).
+  Stops starting new runs once time.perf_counter() passes `deadline`.
+  """
+  start = time.perf_counter()
+  runner = Runner(model, setup, pairs, batch=batch, noise_seed=noise_seed,
+                  record_recall=record_recall)
+  result = dict(
+      kind="quality", card=jax.devices()[0].device_kind, jax=jax.__version__,
+      date=datetime.date.today().isoformat(), model=model.name, platform=jax.default_backend(),
+      frames=setup.frames, height=setup.height, width=setup.width, steps=setup.steps,
+      guidance_scale=setup.guidance_scale, shift=setup.shift,
+      pairs=[list(p) for p in runner.pairs], noise_seed=noise_seed, batch=batch,
+      metrics_space="frames in [0, 1] (pixel models: clip [-1, 1]); PSNR data range 1; "
+                    "SSIM Gaussian 11x11 sigma 1.5 per frame and channel",
+      mask_recall_recorded=runner.record_recall,
+      rows=[], errors=[], skipped=[], complete=False)
+  videos = {}
+  dense, info = runner.sample(modjax.DenseConfig())
+  result["dense"] = dict(compile_s=info["compile_s"], run_s=info["run_s"])
+  videos["dense"] = dense
+  ref = to_unit(dense, model.pixel_space)
+  log(f"dense: compile {info['compile_s']:.1f} s, run {info['run_s']:.1f} s")
+  done = {}
+
+  def measure(family, method, attention, fields):
+    if method in done:
+      return done[method]
+    if deadline is not None and time.perf_counter() > deadline:
+      result["skipped"].append(method)
+      log(f"time budget reached: skipping {method}")
+      return None
+    try:
+      out, info = runner.sample(attention)
+    except Exception as e:  # one failing config must not lose the others
+      result["errors"].append(dict(method=method, error=repr(e)[:600]))
+      log(f"{method}: ERROR {e!r}"[:300])
+      return None
+    x = to_unit(out, model.pixel_space, dense)
+    p, s = psnr(x, ref), ssim(x, ref)
+    if not np.isfinite(out).all():
+      result["errors"].append(dict(method=method, error="non-finite video"))
+    row = dict(method=method, family=family, sparsity=info["sparsity"],
+               sparsity_post_warmup=info["sparsity_post_warmup"],
+               psnr=_stats(p)[0], psnr_std=_stats(p)[1], ssim=_stats(s)[0], ssim_std=_stats(s)[1],
+               mask_recall=info["mask_recall"], seeds=len(runner.pairs), **fields,
+               steps=setup.steps, step_kinds=info["step_kinds"], compile_s=info["compile_s"],
+               run_s=info["run_s"], psnr_per_seed=[round(float(v), 3) for v in p],
+               ssim_per_seed=[round(float(v), 4) for v in s])
+    result["rows"].append(row)
+    videos[method] = out[0]
+    done[method] = row
+    recall = " ".join(f"{k} {v:.3f}" for k, v in row["mask_recall"].items())
+    log(f"{method:42s} sparsity {row['sparsity']:6.1%}  PSNR {row['psnr']:6.2f}  "
+        f"SSIM {row['ssim']:.4f}  recall [{recall}]  ({info['compile_s']:.0f}+{info['run_s']:.0f} s)")
+    if on_update:
+      on_update(result, videos)
+    return row
+
+  for run in mod_runs:
+    fields = dict(top_k=run.top_k, warmup_steps=run.warmup_steps, interval=run.interval,
+                  refresh=run.refresh, block_size=run.block_size)
+    row = measure("mod_" + run.refresh + "_refresh", run.label, run.config(), fields)
+    if row is None or not baselines:
+      continue
+    for family, method, attention, bfields in baselines_for(run, row["sparsity"]):
+      measure(family, method, attention, bfields)
+  result["complete"] = not result["skipped"] and not result["errors"]
+  result["elapsed_s"] = round(time.perf_counter() - start, 1)
+  if on_update:
+    on_update(result, videos, final=True)
+  return result
+
+
+# ---------------------------------------------------------------------- outputs
+
+FAMILY_STYLE = {  # family: (legend, marker, color)
+    "mod_dense_refresh": ("MOD-DiT (dense refresh)", "o", "C0"),
+    "mod_sparse_refresh": ("MOD-DiT (sparse refresh)", "s", "C1"),
+    "oracle": ("oracle (upper bound)", "^", "C2"),
+    "static_window": ("static window", "v", "C3"),
+    "warmup_reuse": ("warm-up reuse", "D", "C4"),
+}
+
+
+def headline(result: dict) -> Optional[dict]:
+  """The MOD run shown in the GIF: sparsity closest to 80% (the paper's regime),
+  dense refresh first."""
+  rows = [r for r in result["rows"] if r["family"].startswith("mod_")]
+  if not rows:
+    return None
+  return min(rows, key=lambda r: (abs(r["sparsity"] - 0.8), r["refresh"] != "dense"))
+
+
+def write_plot(result: dict, path: str) -> bool:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plot (pip install matplotlib)")
+    return False
+  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+  for family, (legend, marker, color) in FAMILY_STYLE.items():
+    rows = sorted((r for r in result["rows"] if r["family"] == family), key=lambda r: r["sparsity"])
+    if not rows:
+      continue
+    xs = [100 * r["sparsity"] for r in rows]
+    ys = [r["psnr"] for r in rows]
+    ax.plot(xs, ys, marker=marker, color=color, label=legend, linestyle="none", markersize=6)
+  ax.set_xlabel("sparsity on sparse steps (%)")
+  ax.set_ylabel("PSNR vs dense (dB)")
+  ax.set_title(f"{result['model']} model, {result['steps']} steps, {len(result['pairs'])} videos"
+               f" ({result['card']})", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
+def _caption(frame: np.ndarray, text: str) -> np.ndarray:
+  """A black strip with `text` above frame [H, W, 3] (PIL's default font if available)."""
+  strip = np.zeros((14, frame.shape[1], 3), np.uint8)
+  try:
+    from PIL import Image, ImageDraw
+    img = Image.fromarray(strip)
+    ImageDraw.Draw(img).text((3, 1), text, fill=(255, 255, 255))
+    strip = np.asarray(img)
+  except ImportError:
+    pass
+  return np.concatenate([strip, frame], axis=0)
+
+
+def side_by_side(videos: list, captions: list, scale: int = 4, pixel_space: bool = True) -> np.ndarray:
+  """uint8 [F, H', W', 3]: videos [C, F, H, W] next to each other, upscaled, captioned."""
+  from modjax import video as video_lib
+  value_range = (-1.0, 1.0)
+  panels = []
+  for v, cap in zip(videos, captions):
+    frames = video_lib.to_frames(v, value_range=value_range) if pixel_space else video_lib.to_frames(v)
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    panels.append(np.stack([_caption(f, cap) for f in frames]))
+  gap = np.full(panels[0].shape[:2] + (4, 3), 255, np.uint8)
+  out = [panels[0]]
+  for p in panels[1:]:
+    out += [gap, p]
+  return np.concatenate(out, axis=2)
+
+
+def write_gif(result: dict, videos: dict, path: str, pixel_space: bool = True, fps: int = 8) -> Optional[str]:
+  row = headline(result)
+  if row is None or row["method"] not in videos:
+    return None
+  import imageio.v2 as imageio
+  frames = side_by_side([videos["dense"][0], videos[row["method"]]],
+                        ["dense", f"MOD-DiT {row['sparsity']:.0%} sparse"], pixel_space=pixel_space)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  imageio.mimwrite(path, list(frames), duration=1000.0 / fps, loop=0)
+  return path
+
+
+def table(result: dict) -> str:
+  lines = [f"{'method':44s} {'sparsity':>8s} {'post-W':>7s} {'PSNR':>6s} {'SSIM':>6s} "
+           f"{'recall sp/ref':>14s} {'seeds':>5s}"]
+  for r in result["rows"]:
+    rec = r["mask_recall"]
+    rec_s = "/".join(f"{rec[k]:.3f}" if k in rec else "-" for k in ("sparse", "refresh"))
+    lines.append(f"{r['method']:44s} {r['sparsity']:8.1%} {r['sparsity_post_warmup']:7.1%} "
+                 f"{r['psnr']:6.2f} {r['ssim']:6.3f} "
+                 f"{rec_s:>14s} {r['seeds']:5d}")
+  return "\n".join(lines)
+
+
+def card_slug(card: str) -> str:
+  return "-".join(card.lower().replace("_", " ").split())
+
+
+# ---------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="demo")
+  p.add_argument("--pairs", type=int, default=None, help="(seed, label) pairs: seed i, label i %% classes (16)")
+  p.add_argument("--batch", type=int, default=16, help="videos per sampler call")
+  p.add_argument("--steps", type=int, default=None, help="denoising steps (model default: 25)")
+  p.add_argument("--frames", type=int, default=None)
+  p.add_argument("--block-size", type=int, default=None)
+  p.add_argument("--top-k", default=None, help="comma-separated top_k fractions (0.12,0.05,0.08,0.2)")
+  p.add_argument("--refresh", default=None, help="comma-separated refresh modes (dense,sparse)")
+  p.add_argument("--no-variants", action="store_true", help="skip the short warm-up / interval runs")
+  p.add_argument("--no-baselines", action="store_true")
+  p.add_argument("--no-recall", action="store_true", help="do not record mask recall (faster)")
+  p.add_argument("--quick", action="store_true",
+                 help="CPU smoke: 2 pairs, 4 frames, 8 steps, block 64, 2 MOD configs")
+  p.add_argument("--max-minutes", type=float, default=None,
+                 help="start no new run after this many minutes (results so far are kept)")
+  p.add_argument("--out-dir", default=None, help="put the JSON, plot and GIF (default names) here")
+  p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality-<card>-<date>.json)")
+  p.add_argument("--plot", default=None, help="PNG path (default docs/quality_sparsity_psnr.png)")
+  p.add_argument("--gif", default=None, help="GIF path (default docs/demo_dense_vs_mod.gif)")
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  t_start = time.perf_counter()
+  deadline = None if args.max_minutes is None else t_start + 60.0 * args.max_minutes
+  model = pipeline.load_model(args.model)
+  d = model.defaults
+  quick = args.quick
+  steps = args.steps or (8 if quick else d.num_inference_steps)
+  frames = args.frames or (4 if quick else d.frames)
+  block = args.block_size or (64 if quick else d.block_size)
+  n_pairs = args.pairs or (2 if quick else 16)
+  classes = _num_classes(model)
+  pairs = [(i, i % classes) for i in range(n_pairs)]
+  top_ks = [float(k) if float(k) < 1 else int(k) for k in args.top_k.split(",")] if args.top_k else (
+      [0.12, 0.2] if quick else [0.12, 0.05, 0.08, 0.2])
+  refreshes = args.refresh.split(",") if args.refresh else (["dense"] if quick else ["dense", "sparse"])
+  mod_runs = default_sweep(steps, block, top_ks=top_ks, refreshes=refreshes,
+                           variants=not (quick or args.no_variants))
+  if quick and not args.refresh:  # two configs: one per refresh mode
+    mod_runs = [dataclasses.replace(mod_runs[0], refresh="dense"),
+                dataclasses.replace(mod_runs[-1], refresh="sparse")]
+  setup = Setup(frames=frames, height=d.height, width=d.width, steps=steps,
+                guidance_scale=d.guidance_scale, shift=d.shift)
+
+  card = card_slug(jax.devices()[0].device_kind)
+  date = datetime.date.today().isoformat()
+  folder = args.out_dir
+  if folder:
+    os.makedirs(folder, exist_ok=True)
+  out = args.out or os.path.join(folder or os.path.join(ROOT, "benchmarks", "results"),
+                                 f"quality-{card}-{date}{'-quick' if quick else ''}.json")
+  plot = args.plot or os.path.join(folder or os.path.join(ROOT, "docs"), "quality_sparsity_psnr.png")
+  gif = args.gif or os.path.join(folder or os.path.join(ROOT, "docs"), "demo_dense_vs_mod.gif")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  print(f"{model.name}: {n_pairs} videos {frames}x{d.height}x{d.width}, {steps} steps, block {block}, "
+        f"{len(mod_runs)} MOD runs{'' if args.no_baselines else ' + matched baselines'} on "
+        f"{jax.devices()[0].device_kind} (jax {jax.__version__})", flush=True)
+  if not _supports_recall() and not args.no_recall:
+    print("note: this modjax has no SamplerSettings.record_recall: mask_recall left empty")
+
+  last_media = [0.0]
+
+  def on_update(result, videos, final=False):
+    result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    with open(out + ".tmp", "w") as f:
+      json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    if final or time.perf_counter() - last_media[0] > 30:  # plot and GIF: every 30 s and at the end
+      try:
+        write_plot(result, plot)
+        write_gif(result, videos, gif, pixel_space=model.pixel_space)
+      except Exception as e:  # media must never lose the numbers
+        print(f"plot/GIF failed: {e!r}")
+      last_media[0] = time.perf_counter()
+
+  result = run_quality(model, setup, pairs, mod_runs, batch=args.batch, baselines=not args.no_baselines,
+                       record_recall=not args.no_recall, deadline=deadline,
+                       on_update=on_update, log=lambda s: print(s, flush=True))
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {out}")
+  print(table(result))
+  if result["errors"]:
+    print(f"{len(result['errors'])} runs failed: " + "; ".join(e["method"] for e in result["errors"]))
+  return 0
+
+
+def _num_classes(model) -> int:
+  if model.name == "demo":
+    from models import train
+    return train.NUM_CLASSES
+  return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
