@@ -287,10 +287,15 @@ def run_quality(model: pipeline.LoadedModel, setup: Setup, pairs, mod_runs, *,
       frames=setup.frames, height=setup.height, width=setup.width, steps=setup.steps,
       guidance_scale=setup.guidance_scale, shift=setup.shift,
       pairs=[list(p) for p in runner.pairs], noise_seed=noise_seed, batch=batch,
+      noise="video i of chunk c: row i of the sampler's noise from fold_in(key(noise_seed), c), "
+            "the same for every method",
       metrics_space="frames in [0, 1] (pixel models: clip [-1, 1]); PSNR data range 1; "
                     "SSIM Gaussian 11x11 sigma 1.5 per frame and channel",
       mask_recall_recorded=runner.record_recall,
       rows=[], errors=[], skipped=[], complete=False)
+  if model.name == "demo":
+    from models import demo_data
+    result["label_names"] = [demo_data.describe_label(label) for _, label in runner.pairs]
   videos = {}
   dense, info = runner.sample(modjax.DenseConfig())
   result["dense"] = dict(compile_s=info["compile_s"], run_s=info["run_s"])
@@ -470,7 +475,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no-baselines", action="store_true")
   p.add_argument("--no-recall", action="store_true", help="do not record mask recall (faster)")
   p.add_argument("--quick", action="store_true",
-                 help="CPU smoke: 2 pairs, 4 frames, 8 steps, block 64, 2 MOD configs")
+                 help="CPU smoke: 2 pairs, 4 frames, 8 steps, block 64, 2 MOD configs; "
+                      "outputs go to a temp folder unless given")
   p.add_argument("--max-minutes", type=float, default=None,
                  help="start no new run after this many minutes (results so far are kept)")
   p.add_argument("--out-dir", default=None, help="put the JSON, plot and GIF (default names) here")
@@ -507,6 +513,9 @@ def main(argv=None) -> int:
   card = card_slug(jax.devices()[0].device_kind)
   date = datetime.date.today().isoformat()
   folder = args.out_dir
+  if quick and not folder:  # a smoke run never overwrites the committed results and figures
+    import tempfile
+    folder = os.path.join(tempfile.gettempdir(), "modjax-quality-quick")
   if folder:
     os.makedirs(folder, exist_ok=True)
   out = args.out or os.path.join(folder or os.path.join(ROOT, "benchmarks", "results"),
