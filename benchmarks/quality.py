@@ -248,14 +248,18 @@ def default_sweep(steps: int, block_size: int, *, top_ks=(0.12, 0.05, 0.08, 0.2)
 
 
 def baselines_for(run: ModRun, sparsity: float) -> list:
-  """(family, method label, config, fields) of the baselines matched to one MOD run."""
-  density = float(np.clip(round(1.0 - sparsity, 4), 1e-3, 1.0))
+  """(family, method label, config, fields) of the baselines matched to one MOD run.
+
+  The density is rounded to 0.01, so MOD runs of nearly equal sparsity (the two
+  refresh modes of one top_k) share their oracle and static-window runs.
+  """
+  density = float(np.clip(round(1.0 - sparsity, 2), 0.01, 1.0))
   common = dict(block_size=run.block_size, warmup_steps=run.warmup_steps)
   fields = dict(density=density, matched_to=run.label, **common)
   return [
-      ("oracle", f"oracle d{density:.3f} W{run.warmup_steps}",
+      ("oracle", f"oracle d{density:.2f} W{run.warmup_steps}",
        modjax.OracleConfig(density=density, **common), fields),
-      ("static_window", f"static window d{density:.3f} W{run.warmup_steps}",
+      ("static_window", f"static window d{density:.2f} W{run.warmup_steps}",
        modjax.StaticWindowConfig(density=density, **common), fields),
       ("warmup_reuse", f"warm-up reuse k{run.top_k} W{run.warmup_steps} T{run.interval}",
        modjax.warmup_reuse(top_k=run.top_k, interval=run.interval, **common),
@@ -305,7 +309,9 @@ def run_quality(model: pipeline.LoadedModel, setup: Setup, pairs, mod_runs, *,
   done = {}
 
   def measure(family, method, attention, fields):
-    if method in done:
+    if method in done:  # the same baseline matched to another MOD run of (nearly) equal sparsity
+      if fields.get("matched_to") not in (None, done[method].get("matched_to")):
+        done[method].setdefault("also_matched_to", []).append(fields["matched_to"])
       return done[method]
     if deadline is not None and time.perf_counter() > deadline:
       result["skipped"].append(method)
@@ -358,7 +364,7 @@ def run_quality(model: pipeline.LoadedModel, setup: Setup, pairs, mod_runs, *,
 FAMILY_STYLE = {  # family: (legend, marker, color)
     "mod_dense_refresh": ("MOD-DiT (dense refresh)", "o", "C0"),
     "mod_sparse_refresh": ("MOD-DiT (sparse refresh)", "s", "C1"),
-    "oracle": ("oracle (upper bound)", "^", "C2"),
+    "oracle": ("oracle (exact S of each step)", "^", "C2"),
     "static_window": ("static window", "v", "C3"),
     "warmup_reuse": ("warm-up reuse", "D", "C4"),
 }
@@ -381,20 +387,27 @@ def write_plot(result: dict, path: str) -> bool:
   except ImportError:
     print("matplotlib is not installed: no plot (pip install matplotlib)")
     return False
-  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+  fig, ax = plt.subplots(figsize=(8.6, 4.4), dpi=120)
+  schedules = [(r["warmup_steps"], r["interval"]) for r in result["rows"] if r["family"].startswith("mod_")]
+  main = max(set(schedules), key=schedules.count) if schedules else None
+  variant = lambda r: main is not None and (r["warmup_steps"] != main[0] or r.get("interval", main[1]) != main[1])
   for family, (legend, marker, color) in FAMILY_STYLE.items():
-    rows = sorted((r for r in result["rows"] if r["family"] == family), key=lambda r: r["sparsity"])
-    if not rows:
-      continue
-    xs = [100 * r["sparsity"] for r in rows]
-    ys = [r["psnr"] for r in rows]
-    ax.plot(xs, ys, marker=marker, color=color, label=legend, linestyle="none", markersize=6)
+    rows = [r for r in result["rows"] if r["family"] == family]
+    for hollow in (False, True):
+      sel = [r for r in rows if variant(r) == hollow]
+      if sel:
+        ax.plot([100 * r["sparsity"] for r in sel], [r["psnr"] for r in sel], marker=marker,
+                color=color, linestyle="none", markersize=6, label=None if hollow else legend,
+                markerfacecolor="none" if hollow else color)
+  if main is not None and any(variant(r) for r in result["rows"]):
+    ax.plot([], [], marker="o", color="gray", markerfacecolor="none", linestyle="none",
+            label=f"hollow: schedule other than W{main[0]} T{main[1]}")
   ax.set_xlabel("sparsity on sparse steps (%)")
   ax.set_ylabel("PSNR vs dense (dB)")
   ax.set_title(f"{result['model']} model, {result['steps']} steps, {len(result['pairs'])} videos"
                f" ({result['card']})", fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path)
@@ -410,7 +423,7 @@ def _caption(frame: np.ndarray, text: str) -> np.ndarray:
     img = Image.fromarray(strip)
     ImageDraw.Draw(img).text((3, 1), text, fill=(255, 255, 255))
     strip = np.asarray(img)
-  except ImportError:
+  except Exception:  # no PIL or no default font: an uncaptioned strip
     pass
   return np.concatenate([strip, frame], axis=0)
 

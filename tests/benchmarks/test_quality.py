@@ -1,5 +1,6 @@
 """benchmarks/quality.py: the PSNR/SSIM metrics, and a smoke run of the sweep on the tiny model."""
 
+import importlib.util
 import json
 import os
 
@@ -95,6 +96,7 @@ def test_default_sweep_is_scaled_and_ordered():
   base = quality.baselines_for(runs[0], 0.8)
   assert [b[0] for b in base] == ["oracle", "static_window", "warmup_reuse"]
   assert base[0][2].density == pytest.approx(0.2) and base[0][2].warmup_steps == 6
+  assert quality.baselines_for(runs[1], 0.8012)[0][1] == base[0][1]   # shared by near-equal sparsity
 
 
 # ---------------------------------------------------------------------- smoke
@@ -122,7 +124,7 @@ def test_run_quality_smoke_on_tiny(tmp_path):
     assert mod["mask_recall"]["refresh"] == pytest.approx(1.0)   # dense refresh
     assert 0.0 < mod["mask_recall"]["sparse"] <= 1.0 + 1e-6
   oracle = result["rows"][1]
-  assert oracle["density"] == pytest.approx(1.0 - mod["sparsity"], abs=1e-3)
+  assert oracle["density"] == pytest.approx(1.0 - mod["sparsity"], abs=0.0051)  # rounded to 0.01
   text = json.dumps(result)           # the JSON is plain (no NaN/inf)
   assert "NaN" not in text and "Infinity" not in text
   assert "oracle" in quality.table(result)
@@ -141,10 +143,7 @@ def test_cli_writes_json_plot_and_gif(tmp_path, capsys):
   assert result["kind"] == "quality" and result["model"] == "tiny" and len(result["rows"]) == 4
   assert {"card", "jax", "date"} <= result.keys()
   assert "demo_dense_vs_mod.gif" in files
-  try:
-    import matplotlib  # noqa: F401
+  if importlib.util.find_spec("matplotlib") is not None:
     assert "quality_sparsity_psnr.png" in files
-  except ImportError:
-    pass
   out = capsys.readouterr().out
   assert out.rstrip().splitlines()[-1].startswith("warm-up reuse")  # the table comes last
