@@ -92,14 +92,17 @@ def quality_table(runs):
   lines = []
   for name, run in runs:
     lines += [f"`{name}` ({run['card']}, jax {run['jax']})", "",
-              "| method | sparsity | PSNR dB | SSIM | mask recall | seeds |", "|---|---|---|---|---|---|"]
+              "| method | sparsity (sparse steps) | sparsity after warm-up | PSNR dB | SSIM | "
+              "mask recall | seeds |", "|---|---|---|---|---|---|---|"]
     for r in run["rows"]:
       recall = r.get("mask_recall")
       if isinstance(recall, dict):
         recall = ", ".join(f"{k} {v:.3f}" for k, v in recall.items())
       elif recall is not None:
         recall = f"{recall:.3f}"
-      lines.append(f"| {r['method']} | {r['sparsity']:.1%} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+      post = r.get("sparsity_post_warmup")
+      post = f"{post:.1%}" if post is not None else ""
+      lines.append(f"| {r['method']} | {r['sparsity']:.1%} | {post} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
                    f"{recall or ''} | {r['seeds']} |")
     lines.append("")
   return lines
