@@ -1,7 +1,8 @@
 """PNG figures of what MOD-DiT decided: masks, sparsity maps, density over steps.
 
-matplotlib is optional (the `plot` extra); every function returns the Figure
-and writes `path` when given.
+matplotlib is optional (the `plot` extra); every function returns a
+`matplotlib.figure.Figure` (no pyplot state, any backend: `display(fig)` in a
+notebook) and writes `path` when given.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import numpy as np
 from modjax.schedule import StepKind
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg", force=False)
-  import matplotlib.pyplot as plt
-  return plt
+def _figure(**kwargs):
+  from matplotlib.figure import Figure
+  return Figure(layout="constrained", **kwargs)
 
 
 def _finish(fig, path: Optional[str]):
@@ -29,13 +28,12 @@ def _finish(fig, path: Optional[str]):
 def plot_maps(state, *, layer: int = 0, row: int = 0, heads=None, path: Optional[str] = None):
   """For each head: the block mask in use and the history map prev_map (S,
   1 = negligible block) of a MODState at one layer and batch row."""
-  plt = _plt()
   mask = np.asarray(state.mask[layer, row])
   smap = np.asarray(state.prev_map[layer, row], np.float32)
   heads = range(mask.shape[0]) if heads is None else heads
   heads = list(heads)
-  fig, axes = plt.subplots(2, len(heads), figsize=(3 * len(heads), 6), squeeze=False,
-                           layout="constrained")
+  fig = _figure(figsize=(3 * len(heads), 6))
+  axes = fig.subplots(2, len(heads), squeeze=False)
   for c, h in enumerate(heads):
     axes[0, c].imshow(mask[h], cmap="gray_r", interpolation="nearest")
     axes[0, c].set_title(f"mask L{layer} h{h} ({mask[h].mean():.0%})")
@@ -50,10 +48,10 @@ def plot_maps(state, *, layer: int = 0, row: int = 0, heads=None, path: Optional
 
 def plot_density(out, *, path: Optional[str] = None):
   """Fraction of blocks computed per step (one line per layer), step kinds shaded."""
-  plt = _plt()
   density = np.asarray(out.density)
   kinds = np.asarray(out.step_kinds)
-  fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
+  fig = _figure(figsize=(7, 3.2))
+  ax = fig.subplots()
   colors = {StepKind.DENSE: "#dddddd", StepKind.MAP: "#ffd59e", StepKind.REFRESH: "#b3d4ff"}
   for s, k in enumerate(kinds):
     if k in colors:

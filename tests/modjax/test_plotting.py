@@ -1,3 +1,4 @@
+import imageio.v2 as imageio
 import jax
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ def test_plots_of_a_mod_run_are_written(tmp_path):
   for name, fig_fn in [("maps.png", lambda p: plotting.plot_maps(out.state, layer=1, path=p)),
                        ("density.png", lambda p: plotting.plot_density(out, path=p))]:
     path = tmp_path / name
-    fig = fig_fn(str(path))
-    assert path.stat().st_size > 1000
-    image = np.asarray(fig.canvas.buffer_rgba())
+    fig_fn(str(path))
+    image = imageio.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100
     assert image.std() > 0
