@@ -1,0 +1,86 @@
+"""Where one denoising step's time goes, at Wan2.1-1.3B shapes (CFG batch 2).
+
+Times one jitted model forward per variant: cuDNN dense attention, our dense
+flash (+ map pass, as on map/refresh steps), our block-sparse kernel on a fixed
+MOD-shaped mask, and self-attention removed (returns v) to measure everything
+outside attention. Writes an "e2e" JSON with one row per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+import pallas_kernels as pk
+from models import attention
+from modjax import masks
+from benchmarks.e2e import SHAPES, latent_size
+
+
+def timeit(f, *args, reps=3):
+  jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    ts.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(ts))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--shape", default="720p")
+  ap.add_argument("--density", type=float, default=0.2)
+  args = ap.parse_args()
+  config = models.DiTConfig.wan2_1_1_3b(param_dtype="bfloat16")
+  frames, height, width = SHAPES[args.shape]
+  latent = latent_size(frames, height, width)
+  params = models.init_params(config, jax.random.key(0), *latent, 512)
+  kx, kc = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (2, config.in_channels) + latent, jnp.bfloat16)
+  ctx = jax.random.normal(kc, (2, 512, config.text_dim), jnp.bfloat16)
+  t = jnp.full((2,), 500.0)
+  tokens = config.tokens(*latent)
+  n = -(-tokens // 128)
+  bpf = max(config.tokens_per_frame(*latent[1:]) // 128, 1)
+  mask = jnp.asarray(masks.lines_mask_for_density(n, bpf, args.density))
+  table = pk.compact_block_mask(jnp.broadcast_to(mask, (2, config.num_heads, n, n)))
+  layer_table = jax.tree.map(lambda a: jnp.broadcast_to(a, (config.num_layers,) + a.shape), table)
+  variants = {
+      "forward_cudnn_dense": attention.AttentionControl(mode="dense", implementation="cudnn"),
+      "forward_dense_map": attention.AttentionControl(mode="dense_map"),
+      f"forward_sparse_d{args.density}": attention.AttentionControl(mode="sparse", block_mask=layer_table),
+  }
+  rows = []
+  fwd = jax.jit(lambda p, x, c, ctl: models.apply(config, p, x, t, c, ctl)[0])
+  for name, control in variants.items():
+    rows.append(dict(mode=name, time_ms=timeit(fwd, params, x, ctx, control)))
+    print(rows[-1], flush=True)
+  original = attention.self_attention
+  attention.self_attention = lambda q, k, v, control=None: (v, {})
+  try:
+    no_attn = jax.jit(lambda p, x, c: models.apply(config, p, x, t, c)[0])
+    rows.append(dict(mode="forward_without_self_attention", time_ms=timeit(no_attn, params, x, ctx)))
+  finally:
+    attention.self_attention = original
+  print(rows[-1], flush=True)
+  for r in rows:
+    r.update(frames=frames, height=height, width=width, tokens=tokens, batch=2,
+             layers=config.num_layers)
+  result = dict(kind="e2e", subkind="step_breakdown", card=jax.devices()[0].device_kind,
+                jax=jax.__version__, date=datetime.date.today().isoformat(),
+                model="wan2_1_1_3b", rows=rows)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
