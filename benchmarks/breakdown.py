@@ -53,14 +53,17 @@ def main():
   bpf = max(config.tokens_per_frame(*latent[1:]) // 128, 1)
   mask = jnp.asarray(masks.lines_mask_for_density(n, bpf, args.density))
   table = pk.compact_block_mask(jnp.broadcast_to(mask, (2, config.num_heads, n, n)))
+  dense_table = pk.dense_block_table((config.num_layers, 2, config.num_heads), n)
   layer_table = jax.tree.map(lambda a: jnp.broadcast_to(a, (config.num_layers,) + a.shape), table)
   variants = {
       "forward_cudnn_dense": attention.AttentionControl(mode="dense", implementation="cudnn"),
       "forward_dense_map": attention.AttentionControl(mode="dense_map"),
+      "forward_ours_dense": attention.AttentionControl(mode="sparse", block_mask=dense_table),
       f"forward_sparse_d{args.density}": attention.AttentionControl(mode="sparse", block_mask=layer_table),
   }
   rows = []
-  fwd = jax.jit(lambda p, x, c, ctl: models.apply(config, p, x, t, c, ctl)[0])
+  # Return the stats too: a dropped sparsity map would be dead code to XLA.
+  fwd = jax.jit(lambda p, x, c, ctl: models.apply(config, p, x, t, c, ctl))
   for name, control in variants.items():
     rows.append(dict(mode=name, time_ms=timeit(fwd, params, x, ctx, control)))
     print(rows[-1], flush=True)
