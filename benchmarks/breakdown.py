@@ -11,27 +11,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import models
 import pallas_kernels as pk
 from models import attention
 from modjax import masks
 from benchmarks.e2e import SHAPES, latent_size
+from benchmarks.timing import median_ms
 
 
-def timeit(f, *args, reps=3):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(ts))
 
 
 def main():
@@ -65,13 +56,14 @@ def main():
   # Return the stats too: a dropped sparsity map would be dead code to XLA.
   fwd = jax.jit(lambda p, x, c, ctl: models.apply(config, p, x, t, c, ctl))
   for name, control in variants.items():
-    rows.append(dict(mode=name, time_ms=timeit(fwd, params, x, ctx, control)))
+    rows.append(dict(mode=name, time_ms=median_ms(fwd, params, x, ctx, control, reps=3)))
     print(rows[-1], flush=True)
   original = attention.self_attention
   attention.self_attention = lambda q, k, v, control=None: (v, {})
   try:
     no_attn = jax.jit(lambda p, x, c: models.apply(config, p, x, t, c)[0])
-    rows.append(dict(mode="forward_without_self_attention", time_ms=timeit(no_attn, params, x, ctx)))
+    rows.append(dict(mode="forward_without_self_attention",
+                     time_ms=median_ms(no_attn, params, x, ctx, reps=3)))
   finally:
     attention.self_attention = original
   print(rows[-1], flush=True)

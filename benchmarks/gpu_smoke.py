@@ -3,7 +3,6 @@ one timing point against cuDNN dense. Prints a table; writes JSON to --out."""
 
 import argparse
 import json
-import time
 import traceback
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels import map_reference
+from benchmarks.timing import median_ms
 
 
 def rel(a, b):
@@ -19,12 +19,6 @@ def rel(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def timeit(f, *args, reps=10):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter(); jax.block_until_ready(f(*args)); ts.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(ts))
 
 
 def main():
@@ -69,16 +63,16 @@ def main():
   q, k, v = (jax.random.normal(x, (1, s, h, d)).astype(jnp.bfloat16) for x in (kq, kk, kv))
   n = s // bs
   cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-  t_cudnn = timeit(cud, q, k, v)
+  t_cudnn = median_ms(cud, q, k, v, reps=10)
   rows.append(dict(impl="cudnn_dense", s=s, time_ms=t_cudnn))
   for dens in (1.0, 0.25, 0.1):
     mask = jax.random.bernoulli(km, dens, (1, h, n, n)) | jnp.eye(n, dtype=bool)
     for impl in ("triton",):
       try:
         f = jax.jit(lambda q, k, v, m: pk.block_sparse_attention(q, k, v, m, implementation=impl))
-        t = timeit(f, q, k, v, mask)
+        t = median_ms(f, q, k, v, mask, reps=10)
         fm = jax.jit(lambda q, k: pk.sparsity_map(q, k, implementation=impl))
-        tm = timeit(fm, q, k) if dens == 1.0 else None
+        tm = median_ms(fm, q, k, reps=10) if dens == 1.0 else None
         rows.append(dict(impl=impl, s=s, density=float(jnp.mean(mask)), time_ms=t, map_ms=tm,
                          speedup_vs_cudnn=t_cudnn / t))
       except Exception as e:

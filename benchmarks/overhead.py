@@ -14,24 +14,15 @@ import argparse
 import datetime
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import pallas_kernels as pk
 from modjax import features, predict
+from benchmarks.timing import median_ms
 
 
-def timeit(f, *args, reps=20):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(ts))
 
 
 def measure(seq_len, heads, layers, tokens_per_frame, top_k, block=128, batch=2):
@@ -44,9 +35,9 @@ def measure(seq_len, heads, layers, tokens_per_frame, top_k, block=128, batch=2)
   cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if jax.default_backend() == "gpu" else "xla"))
   ours = jax.jit(lambda q, k, v: pk.block_sparse_attention(q, k, v, None, block_size=block))
   with_map = jax.jit(lambda q, k, v: pk.block_sparse_attention_with_map(q, k, v, None, block_size=block))
-  t_cudnn = timeit(cudnn, q, k, v)
-  t_ours = timeit(ours, q, k, v)
-  t_with_map = timeit(with_map, q, k, v)
+  t_cudnn = median_ms(cudnn, q, k, v)
+  t_ours = median_ms(ours, q, k, v)
+  t_with_map = median_ms(with_map, q, k, v)
   # Model-wide bookkeeping: fit + predict + compaction for all (layer, row, head) at once.
   smap = jax.random.uniform(ks, (layers, batch, heads, n, n), jnp.float32).astype(jnp.bfloat16)
   width = predict.max_row_width(predict.resolve_top_k(top_k, n), n, bpf)
@@ -61,7 +52,7 @@ def measure(seq_len, heads, layers, tokens_per_frame, top_k, block=128, batch=2)
     return fitted, table
 
   prev = features.fit_pattern_features(smap, bpf, 1.0)
-  t_book = timeit(bookkeeping, smap, prev, reps=10)
+  t_book = median_ms(bookkeeping, smap, prev, reps=10)
   per_layer_book = t_book / (layers * batch)
   map_extra = t_with_map - t_ours
   rows = []
