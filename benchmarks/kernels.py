@@ -64,6 +64,10 @@ L2_BYTES = 50 * 2**20          # H100/H200 L2; smaller input sets are rotated
 TRITON_SWEEP = ((64, 8, 3), (64, 4, 3), (64, 8, 2), (64, 4, 2), (64, 8, 4), (128, 8, 3), (128, 4, 3), (128, 8, 2))
 
 
+def _tiling_list(text: str):
+  return tuple(tuple(int(x) for x in item.split(",")) for item in text.split(";") if item)
+
+
 # ----------------------------------------------------------------------------
 # Masks.
 
@@ -475,7 +479,7 @@ class Bench:
 
   def run_triton_sweep(self, shape, sets, table, ref, hr, mask_kind, density, extra):
     from pallas_kernels import attention_triton as at
-    for block_k, warps, stages in TRITON_SWEEP:
+    for block_k, warps, stages in self.args.sweep_configs:
       if self.out_of_time():
         return
       cfg = at.TritonConfig(block_k=block_k, num_warps=warps, num_stages=stages)
@@ -635,6 +639,8 @@ def parse_args(argv=None):
   p.add_argument("--map-ref-max-seq", type=int, default=16384)
   p.add_argument("--threshold", type=float, default=1e-4)
   p.add_argument("--no-sweep", dest="sweep", action="store_false")
+  p.add_argument("--sweep-configs", type=_tiling_list, default=TRITON_SWEEP,
+                 help="Triton tilings to sweep, 'block_k,warps,stages;...'")
   p.add_argument("--sweep-seq-lens", type=int, nargs="+", default=[16384, 32760])
   p.add_argument("--sweep-densities", type=float, nargs="+", default=[1.0, 0.25])
   p.add_argument("--max-minutes", type=float, default=45.0)
