@@ -14,14 +14,13 @@ last full frame form one extra, partial frame.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax.predict import smallest_k_mask
+from modjax.predict import resolve_count, smallest_k_mask
 
 __all__ = [
     "static_window_mask", "static_window_for_density", "static_window_spec_for_density",
@@ -170,18 +169,7 @@ def lines_mask_for_density(n: int, blocks_per_frame: int, target_density: float)
 def resolve_block_count(keep: Union[int, float], n: int) -> int:
   """Blocks kept per head of n x n: an int in [1, n^2] (clamped above), or a
   float density in (0, 1] (rounded half up, at least 1)."""
-  total = n * n
-  if isinstance(keep, (bool, np.bool_)):
-    raise ValueError(f"keep must be an int >= 1 or a float density in (0, 1], got {keep!r}")
-  if isinstance(keep, (int, np.integer)):
-    if keep < 1:
-      raise ValueError(f"keep must be an int >= 1 or a float density in (0, 1], got {keep!r}")
-    return int(min(keep, total))
-  if isinstance(keep, (float, np.floating)):
-    if not 0.0 < keep <= 1.0:
-      raise ValueError(f"keep as a density must be a float in (0, 1], got {keep!r}")
-    return int(min(total, max(1, math.floor(keep * total + 0.5))))
-  raise ValueError(f"keep must be an int >= 1 or a float density in (0, 1], got {keep!r}")
+  return resolve_count(keep, n * n, name="keep", share="density")
 
 
 def topk_blocks_mask(s: jax.Array, keep: Union[int, float]) -> jax.Array:

@@ -49,18 +49,26 @@ def resolve_top_k(top_k: TopK, n: int) -> int:
   """
   if not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"n (number of blocks) must be an int >= 1, got {n!r}")
-  total = num_candidate_lines(n)
-  if isinstance(top_k, (bool, np.bool_)):
-    raise ValueError(f"top_k must be an int >= 1 or a float in (0, 1], got {top_k!r}")
-  if isinstance(top_k, (int, np.integer)):
-    if top_k < 1:
-      raise ValueError(f"top_k must be an int >= 1 or a float in (0, 1], got {top_k!r}")
-    return int(min(top_k, total))
-  if isinstance(top_k, (float, np.floating)):
-    if not 0.0 < top_k <= 1.0:
-      raise ValueError(f"top_k as a fraction must be a float in (0, 1], got {top_k!r}")
-    return int(min(total, max(1, math.floor(top_k * total + 0.5))))
-  raise ValueError(f"top_k must be an int >= 1 or a float in (0, 1], got {top_k!r}")
+  return resolve_count(top_k, num_candidate_lines(n), name="top_k", share="fraction")
+
+
+def resolve_count(value, total: int, *, name: str, share: str) -> int:
+  """A static count out of `total`: an int >= 1 (clamped to total), or a float
+  in (0, 1] meaning that share of total (rounded half up, at least 1).
+  `name` and `share` ("fraction", "density") word the errors."""
+  float_kind = "a float in (0, 1]" if share == "fraction" else f"a float {share} in (0, 1]"
+  bad = f"{name} must be an int >= 1 or {float_kind}, got {value!r}"
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(bad)
+  if isinstance(value, (int, np.integer)):
+    if value < 1:
+      raise ValueError(bad)
+    return int(min(value, total))
+  if isinstance(value, (float, np.floating)):
+    if not 0.0 < value <= 1.0:
+      raise ValueError(f"{name} as a {share} must be a float in (0, 1], got {value!r}")
+    return int(min(total, max(1, math.floor(value * total + 0.5))))
+  raise ValueError(bad)
 
 
 def predict_features(prev: PatternFeatures, cur: PatternFeatures, interval) -> PatternFeatures:
