@@ -3,6 +3,8 @@
 One process, one card, side by side on identical inputs and masks:
   cudnn_dense      jax.nn.dot_product_attention(implementation="cudnn")
   pallas_dense     jax's Pallas Triton flash attention (ops/gpu/attention.mha)
+  jax_fa3_dense    jax's Pallas Mosaic GPU FlashAttention-3
+                   (ops/gpu/attention_mgpu.attention; Hopper only)
   flex             torch FlexAttention (torch.compile) on the identical block
                    mask, built with BlockMask.from_kv_blocks from our table
   ours_<backend>   pallas_kernels.block_sparse_attention for each backend
@@ -51,6 +53,7 @@ import numpy as np  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import api as pk_api  # noqa: E402
+from pallas_kernels import attention_mosaic_gpu as mosaic_gpu  # noqa: E402
 
 # Named shapes: Wan2.1 latent token counts (frames x tokens per frame).
 SEQ_LENS = (4096, 16384, 32760)
@@ -353,7 +356,8 @@ class Bench:
     if self.args.backends:
       return self.args.backends
     if self.on_gpu:
-      return ["triton"] + (["xla"] if self.args.with_xla else [])
+      hopper = ["mosaic_gpu"] if mosaic_gpu.is_supported_device() else []
+      return hopper + ["triton"] + (["xla"] if self.args.with_xla else [])
     if self.platform == "tpu":
       return ["tpu"] + (["xla"] if self.args.with_xla else [])
     return ["xla", "triton", "tpu"] if self.interpret else ["xla"]
@@ -382,17 +386,19 @@ class Bench:
         bs = jax_attention.BlockSizes(block_q=128, block_k=64)
         fn = jax.jit(lambda q, k, v: jax_attention.mha(
             q, k, v, None, sm_scale=sm_scale, block_sizes=bs))
-        pad = -shape.seq_len % 128
-        if not pad:
-          ms, comp, out = time_jax(fn, sets, args.runs)
-          return ms, rel_err(out[:, :, :hr], dense_ref), {"compile_s": round(comp, 2)}
-        # mha needs S % 128 == 0: time it on zero-padded inputs (no rel_err:
-        # the padded keys change the result).
-        padded = [tuple(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in st)
-                  for st in sets]
-        ms, comp, _ = time_jax(fn, padded, args.runs)
-        return ms, None, {"compile_s": round(comp, 2), "padded_to": shape.seq_len + pad}
+        return self._time_padded(fn, shape, sets, dense_ref, hr)
       self.guarded(shape, "pallas_dense", "dense", 1.0, pallas_dense)
+
+      if mosaic_gpu.is_supported_device():
+        def fa3_dense():
+          from jax.experimental.pallas.ops.gpu import attention_mgpu
+          cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
+          # FA3 has no softmax scale (folded into q here) and stages tiles in
+          # float16 whatever the input: timed on float16 copies (same speed).
+          fn = jax.jit(lambda q, k, v: attention_mgpu.attention(q * sm_scale, k, v, cfg))
+          f16 = [tuple(x.astype(jnp.float16) for x in st) for st in sets]
+          return self._time_padded(fn, shape, f16, dense_ref, hr)
+        self.guarded(shape, "jax_fa3_dense", "dense", 1.0, fa3_dense)
 
     ref_dense_ms = dense_ms.get("cudnn")
     for mask_kind in args.masks:
@@ -430,10 +436,25 @@ class Bench:
         if args.sweep and self.on_gpu and mask_kind == args.masks[0] and target in args.sweep_densities \
             and shape.seq_len in args.sweep_seq_lens:
           self.run_triton_sweep(shape, sets, table, ref, hr, mask_kind, density, extra)
+        if args.mosaic_sweep and "mosaic_gpu" in self.backends() and mask_kind == args.masks[0] \
+            and target in args.sweep_densities and shape.seq_len in args.sweep_seq_lens:
+          self.run_mosaic_sweep(shape, sets, table, ref, hr, mask_kind, density, extra)
 
         if not args.no_map and mask_kind == args.map_mask:
           self.run_map(shape, sets, mask, table, mask_kind, density, ref_dense_ms, extra)
         self.write()
+
+  def _time_padded(self, fn, shape, sets, dense_ref, hr):
+    """Times a dense kernel that needs S % 128 == 0 (jax's mha and FA3)."""
+    pad = -shape.seq_len % 128
+    if not pad:
+      ms, comp, out = time_jax(fn, sets, self.args.runs)
+      return ms, rel_err(out[:, :, :hr], dense_ref), {"compile_s": round(comp, 2)}
+    # Timed on zero-padded inputs (no rel_err: the padded keys change the result).
+    padded = [tuple(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in st)
+              for st in sets]
+    ms, comp, _ = time_jax(fn, padded, self.args.runs)
+    return ms, None, {"compile_s": round(comp, 2), "padded_to": shape.seq_len + pad}
 
   def run_flex(self, shape, sets, mask, table, ref, hr, sm_scale):
     torch = self.torch
@@ -490,6 +511,19 @@ class Bench:
         return ms, rel_err(out[:, :, :hr], ref), {"compile_s": round(comp, 2)}
       self.guarded(shape, "ours_triton", mask_kind, density, run,
                    config=f"bk{block_k}_w{warps}_s{stages}", sweep=True, **extra)
+
+  def run_mosaic_sweep(self, shape, sets, table, ref, hr, mask_kind, density, extra):
+    for stages, registers in self.args.mosaic_sweep:
+      if self.out_of_time():
+        return
+      cfg = mosaic_gpu.MosaicConfig(stages=stages, compute_registers=registers)
+      def run(cfg=cfg):
+        fn = jax.jit(lambda q, k, v, t: mosaic_gpu.block_sparse_attention_fwd(
+            q, k, v, t, block_size=shape.block, config=cfg)[0])
+        ms, comp, out = time_jax(fn, [(*st, table) for st in sets], self.args.runs)
+        return ms, rel_err(out[:, :, :hr], ref), {"compile_s": round(comp, 2)}
+      self.guarded(shape, "ours_mosaic_gpu", mask_kind, density, run,
+                   config=f"stages{stages}_regs{registers}", sweep=True, **extra)
 
   def run_map(self, shape, sets, mask, table, mask_kind, density, dense_ms, extra):
     args = self.args
@@ -559,7 +593,7 @@ class Bench:
     rows = [r for r in self.rows if not r.get("sweep")]
     keys = sorted({(r["seq_len"], r["heads"]) for r in rows})
     print("\n=== block-sparse attention, time ms (rel_err) ===")
-    impls = [i for i in ("cudnn_dense", "pallas_dense", "flex")
+    impls = [i for i in ("cudnn_dense", "jax_fa3_dense", "pallas_dense", "flex")
              if any(r["impl"] == i for r in rows)]
     impls += sorted({r["impl"] for r in rows if r["impl"].startswith("ours_")})
     header = f"{'S':>6} {'H':>3} {'mask':>7} {'dens':>6} " + "".join(f"{i:>20}" for i in impls)
@@ -577,7 +611,7 @@ class Bench:
         by = {r["impl"]: r for r in rows if r["seq_len"] == s and r["heads"] == h
               and r["mask"] == mask and r["density"] == dens}
         for i in impls:
-          r = by.get(i) or (dense.get(i) if i in ("cudnn_dense", "pallas_dense") else None)
+          r = by.get(i) or (dense.get(i) if i.endswith("_dense") else None)
           if r is None or r["time_ms"] is None:
             cells.append(f"{'-':>20}")
           else:
@@ -602,10 +636,11 @@ class Bench:
               f"{'' if ratio is None else f'{ratio:.3f}':>8} rel_err={r['rel_err']}")
     sweep = [r for r in self.rows if r.get("sweep")]
     if sweep:
-      print("\n=== triton tiling sweep, time ms ===")
+      print("\n=== tiling sweep, time ms ===")
       for r in sweep:
         t = "-" if r["time_ms"] is None else f"{r['time_ms']:.3f}"
-        print(f"{r['seq_len']:>6} {r['heads']:>3} {r['density']:>6.3f} {r['config']:>14} {t:>10}")
+        print(f"{r['seq_len']:>6} {r['heads']:>3} {r['density']:>6.3f} {r['impl']:>16} "
+              f"{r['config']:>16} {t:>10}")
 
 
 def _slug(s: str) -> str:
@@ -641,6 +676,8 @@ def parse_args(argv=None):
   p.add_argument("--no-sweep", dest="sweep", action="store_false")
   p.add_argument("--sweep-configs", type=_tiling_list, default=TRITON_SWEEP,
                  help="Triton tilings to sweep, 'block_k,warps,stages;...'")
+  p.add_argument("--mosaic-sweep", type=_tiling_list, default=(),
+                 help="Mosaic GPU configs to sweep, 'stages,registers;...'")
   p.add_argument("--sweep-seq-lens", type=int, nargs="+", default=[16384, 32760])
   p.add_argument("--sweep-densities", type=float, nargs="+", default=[1.0, 0.25])
   p.add_argument("--max-minutes", type=float, default=45.0)

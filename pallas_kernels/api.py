@@ -3,11 +3,14 @@
 Backends live one per module and are picked by `implementation=`:
 
   "xla"        plain XLA gather (every device, any head_dim; the fallback),
+  "mosaic_gpu" Pallas Mosaic GPU for Hopper (wgmma, TMA, warp specialization;
+               bf16/f16, block_size 128; its lse-only pass runs on Triton),
   "triton"     Pallas GPU through the Triton lowering,
   "tpu"        Pallas Mosaic TPU with scalar-prefetched tables,
   "reference"  dense masked float32 attention (the test oracle; slow),
-  None         the best for the device: tpu on TPU, triton on GPU for
-               head_dim in {64, 128} and 16-bit dtypes, else xla.
+  None         the best for the device: tpu on TPU; on GPU for head_dim in
+               {64, 128} and 16-bit dtypes mosaic_gpu on sm_90 with
+               block_size 128, else triton; otherwise xla.
 
 Each attention module provides `block_sparse_attention_fwd(q, k, v, table, *,
 block_size, sm_scale, interpret) -> (out, lse)` and `block_sparse_lse(q, k,
@@ -41,12 +44,13 @@ __all__ = [
 # name -> (attention module, sparsity-map module), both under pallas_kernels.
 _BACKENDS = {
     "xla": ("attention_xla", "map_xla"),
+    "mosaic_gpu": ("attention_mosaic_gpu", "map_triton"),
     "triton": ("attention_triton", "map_triton"),
     "tpu": ("attention_tpu", "map_tpu"),
     "reference": ("attention_reference", "map_reference"),
 }
 IMPLEMENTATIONS = tuple(_BACKENDS)
-_PALLAS = ("triton", "tpu")               # backends with a head_dim restriction
+_PALLAS = ("mosaic_gpu", "triton", "tpu")               # backends with a head_dim restriction
 BLOCK_SIZES = (64, 128)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -54,13 +58,16 @@ DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 MaskLike = Union[jax.Array, BlockTable, None]
 
 
-def default_implementation(dtype, head_dim: int) -> str:
+def default_implementation(dtype, head_dim: int, block_size: int = 128) -> str:
   """The backend `implementation=None` resolves to on the default device."""
   platform = jax.default_backend()
   if platform == "tpu" and head_dim in HEAD_DIMS:
     return "tpu"
   if (platform == "gpu" and head_dim in HEAD_DIMS
       and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    from pallas_kernels import attention_mosaic_gpu  # pylint: disable=import-outside-toplevel
+    if block_size == attention_mosaic_gpu.BLOCK_SIZE and attention_mosaic_gpu.is_supported_device():
+      return "mosaic_gpu"
     return "triton"
   return "xla"
 
@@ -157,8 +164,8 @@ def _dense_table(n):
   return dense_block_table((1, 1), n)
 
 
-def _resolve(q, implementation, sm_scale):
-  impl = implementation or default_implementation(q.dtype, q.shape[-1])
+def _resolve(q, implementation, sm_scale, block_size):
+  impl = implementation or default_implementation(q.dtype, q.shape[-1], block_size)
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
   return impl, scale
 
@@ -166,7 +173,7 @@ def _resolve(q, implementation, sm_scale):
 def _fwd(q, k, v, block_mask, *, block_size, sm_scale, implementation, interpret):
   b, s, h, _ = q.shape
   n = -(-s // block_size)
-  impl, scale = _resolve(q, implementation, sm_scale)
+  impl, scale = _resolve(q, implementation, sm_scale, block_size)
   table = _to_table(block_mask, b, h, n, broadcast=False)
   kernel_table = table if table is not None else _dense_table(n)
   out, lse = _attention_module(impl).block_sparse_attention_fwd(
@@ -255,7 +262,7 @@ def sparsity_map(q: jax.Array, k: jax.Array, *, block_size: int = 128,
                 need_v=False)
   b, s, h, _ = q.shape
   n = -(-s // block_size)
-  impl, scale = _resolve(q, implementation, sm_scale)
+  impl, scale = _resolve(q, implementation, sm_scale, block_size)
   table = _to_table(block_mask, b, h, n, broadcast=False)
   kernel_table = table if table is not None else _dense_table(n)
   lse = _attention_module(impl).block_sparse_lse(

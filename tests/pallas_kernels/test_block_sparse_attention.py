@@ -261,8 +261,12 @@ def test_xla_accepts_any_head_dim():
 
 
 def test_default_implementation():
-  expected = {"cpu": "xla", "gpu": "triton", "tpu": "tpu"}[PLATFORM]
+  from pallas_kernels.attention_mosaic_gpu import is_supported_device
+  gpu = "mosaic_gpu" if PLATFORM == "gpu" and is_supported_device() else "triton"
+  expected = {"cpu": "xla", "gpu": gpu, "tpu": "tpu"}[PLATFORM]
   assert pk.default_implementation(jnp.bfloat16, 128) == expected
+  if PLATFORM == "gpu":
+    assert pk.default_implementation(jnp.bfloat16, 128, block_size=64) == "triton"
   assert pk.default_implementation(jnp.bfloat16, 96) == "xla"
   if PLATFORM == "gpu":
     assert pk.default_implementation(jnp.float32, 128) == "xla"

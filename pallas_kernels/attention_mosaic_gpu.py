@@ -1,0 +1,318 @@
+"""Block-sparse flash attention for Hopper (sm_90) in Pallas Mosaic GPU.
+
+The structure of FlashAttention-3 as jax's own `ops/gpu/attention_mgpu.py`
+writes it, with the key loop driven by the compacted block table:
+
+  * one CTA per (128-row query block i, head, batch element), three
+    warpgroups: two compute warpgroups own 64 query rows each, one memory
+    warpgroup feeds them;
+  * the memory warpgroup reads key-block ids from `indices[b, h, i, :]` and
+    streams those K and V tiles by TMA into a ring of `stages` shared-memory
+    slots, refilling a slot as soon as both compute warpgroups release it;
+  * each compute warpgroup runs `counts[b, h, i]` steps of wgmma Q K^T, the
+    online softmax in base 2 in registers (scale folded into one FMA), and
+    wgmma P V with float32 accumulation; a schedule barrier alternates the two
+    warpgroups so one's softmax overlaps the other's matrix work.
+
+Inactive blocks are never loaded nor computed. Tails: TMA reads past the
+sequence end are zero-filled and writes past it dropped, so inputs are not
+padded (except to a multiple of 8 rows, TMA's tile); keys past S live only in block n-1, which (the table is sorted) is the
+last entry of its row and runs as one peeled step with a key mask. Empty rows
+give zeros and lse = -inf, as in the other backends.
+
+Needs a Hopper GPU, 16-bit inputs, head_dim a multiple of 64 (64 or 128 here)
+and block_size 128. The lse-only pass (`block_sparse_lse`, used by the
+sparsity map) has no P V to speed up and stays on the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import attention_triton
+from pallas_kernels.block_table import BlockTable
+
+__all__ = ["MosaicConfig", "block_sparse_attention_fwd", "block_sparse_lse",
+           "is_supported_device"]
+
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+BLOCK_SIZE = 128            # one CTA's query rows = one mask block
+_ROWS_PER_WG = 64           # wgmma M per compute warpgroup
+_COMPUTE_WGS = BLOCK_SIZE // _ROWS_PER_WG
+_SMEM_LIMIT = 232448        # bytes of shared memory per block on sm_90
+_SMEM_RESERVE = 4096
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Launch parameters.
+
+  Attributes:
+    stages: K/V shared-memory slots in flight (2, 3 or 4; more than 2 only
+      fits in the 227 KB of shared memory with head_dim 64).
+    compute_registers: registers per thread given to the compute warpgroups
+      (the memory warpgroup gets 40).
+  """
+
+  stages: int = 2
+  compute_registers: int = 232
+
+  def validate(self, head_dim: int) -> None:
+    if self.stages not in (2, 3, 4):
+      raise ValueError(f"MosaicConfig.stages must be 2, 3 or 4, got {self.stages}")
+    tiles = 2 * (_COMPUTE_WGS * _ROWS_PER_WG + 2 * self.stages * BLOCK_SIZE) * head_dim
+    # + lse staging, barriers and alignment: 2.7 KB measured (stages=3, D=128).
+    if tiles + _SMEM_RESERVE > _SMEM_LIMIT:
+      raise ValueError(
+          f"MosaicConfig.stages={self.stages} with head_dim={head_dim} needs "
+          f"{(tiles + _SMEM_RESERVE) // 1024} KB of shared memory (> "
+          f"{_SMEM_LIMIT // 1024} KB per block on sm_90); use fewer stages")
+
+
+DEFAULT_CONFIG = MosaicConfig()
+
+
+def is_supported_device(device: Optional[jax.Device] = None) -> bool:
+  """True on an sm_90 (Hopper) GPU, the only target of this kernel."""
+  device = device or jax.devices()[0]
+  return (device.platform == "gpu"
+          and str(getattr(device, "compute_capability", "")) in ("9.0", "9.0a"))
+
+
+def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
+            seq_len: int, num_blocks: int, stages: int, scale_log2: float,
+            per_batch: bool, per_head: bool, compute_registers: int):
+  (qo_smem2, k_smem, v_smem, lse_smem2), loaded, freed, schedule = scoped
+  k_loaded, v_loaded, q_loaded = loaded
+  k_freed, v_freed = freed
+  qi = lax.axis_index("q_blocks")
+  hi = lax.axis_index("heads")
+  bi = lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  head_dim = q_ref.shape[-1]
+  dtype = q_ref.dtype
+
+  row = (bi if per_batch else 0, hi if per_head else 0, qi)
+  count = cnt_ref[row]
+  tail_len = seq_len - (num_blocks - 1) * BLOCK_SIZE     # valid keys in block n-1
+  has_tail = tail_len != BLOCK_SIZE
+  if has_tail:
+    last = idx_ref[(*row, jnp.maximum(count - 1, 0))]
+    tail_active = jnp.logical_and(count > 0, last == num_blocks - 1)
+    n_main = count - tail_active.astype(jnp.int32)
+  else:
+    n_main = count
+
+  def schedule_barrier():
+    plgpu.barrier_arrive(schedule)
+    plgpu.barrier_wait(schedule)
+
+  @pl.when(wg < _COMPUTE_WGS)
+  def _compute():
+    plgpu.set_max_registers(compute_registers, action="increase")
+    qo_smem = qo_smem2.at[wg]
+    lse_smem = lse_smem2.at[wg]
+    q_base = qi * BLOCK_SIZE + wg * _ROWS_PER_WG
+    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, _ROWS_PER_WG), hi],
+                            qo_smem, q_loaded.at[wg])
+    plgpu.barrier_wait(q_loaded.at[wg])
+
+    layout = plgpu.layout_cast
+    rows = plgpu.Layout.WGMMA.reduce(1)
+    m_i = layout(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), rows)
+    l_i = layout(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), rows)
+    acc = layout(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32),
+                 plgpu.Layout.WGMMA)
+
+    @pl.when(count > 0)
+    def _():
+      plgpu.barrier_wait(k_loaded.at[0])
+
+    pl.when(wg == 1)(schedule_barrier)
+
+    def step(t, carry, masked: bool):
+      acc, m_i, l_i = carry
+      slot = lax.rem(t, jnp.array(stages, t.dtype))
+
+      def qk_scope(acc_ref):
+        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+        schedule_barrier()
+        return acc_ref[...]
+
+      qk = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS_PER_WG, BLOCK_SIZE), jnp.float32))
+      plgpu.barrier_arrive(k_freed.at[slot])
+      if masked:
+        key = plgpu.broadcasted_iota(jnp.int32, (_ROWS_PER_WG, BLOCK_SIZE), 1,
+                                     layout=plgpu.Layout.WGMMA)
+        qk = jnp.where(key < tail_len, qk, -jnp.inf)
+
+      # m is kept in scaled base-2 units: p = exp2(qk * c - m) is one FMA.
+      m_new = jnp.maximum(m_i, qk.max(axis=1) * scale_log2)
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.exp2(qk * scale_log2 - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+      acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l_i *= alpha
+      p16 = p.astype(dtype)
+      if head_dim <= 128:
+        # The order jax's FA3 found fastest: row sums before the barriers.
+        l_i += p.sum(axis=1)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+      plgpu.barrier_arrive(schedule)          # softmax done
+      plgpu.barrier_wait(v_loaded.at[slot])
+      plgpu.barrier_wait(schedule)            # tensor cores free
+      if head_dim > 128:
+        l_i += p.sum(axis=1)
+
+      def wait_next_k():
+        nxt = t + 1
+
+        @pl.when(nxt < count)
+        def _():
+          plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.array(stages, t.dtype))])
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        wait_next_k()
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_freed.at[slot])
+      return acc, m_new, l_i
+
+    carry = lax.fori_loop(0, n_main, functools.partial(step, masked=False),
+                          (acc, m_i, l_i))
+    if has_tail:
+      carry = lax.fori_loop(n_main, count, functools.partial(step, masked=True),
+                            carry)
+    pl.when(wg == 0)(schedule_barrier)
+    acc, m_i, l_i = carry
+
+    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)       # empty row: zeros, lse -inf
+    acc /= lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    qo_smem[...] = acc.astype(dtype)
+    lse_smem[...] = m_i * _LN2 + jnp.log(l_safe)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(q_base, _ROWS_PER_WG), hi])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q_base, _ROWS_PER_WG)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _COMPUTE_WGS)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(t, slot, wait: bool):
+      block = idx_ref[(*row, t)]
+      src = (bi, pl.ds(block * BLOCK_SIZE, BLOCK_SIZE), hi)
+      if wait:
+        plgpu.barrier_wait(k_freed.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_loaded.at[slot])
+      if wait:
+        plgpu.barrier_wait(v_freed.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_loaded.at[slot])
+
+    for t in range(stages):
+      pl.when(t < count)(functools.partial(load, t, t, wait=False))
+
+    @pl.loop(stages, jnp.maximum(count, stages))
+    def _(t):
+      load(t, lax.rem(t, jnp.array(stages, t.dtype)), wait=True)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config"))
+def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
+  b, s, h, d = q.shape
+  n = -(-s // BLOCK_SIZE)
+  tb, th = indices.shape[:2]
+  if tb not in (1, b) or th not in (1, h) or counts.shape != indices.shape[:-1]:
+    raise ValueError(f"table of shape {indices.shape} does not broadcast to "
+                     f"[{b}, {h}, {n}, w]")
+  stages = config.stages
+  kernel = functools.partial(
+      _kernel, seq_len=s, num_blocks=n, stages=stages,
+      scale_log2=float(sm_scale) * _LOG2E, per_batch=tb > 1, per_head=th > 1,
+      compute_registers=config.compute_registers)
+
+  def entry(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+    tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    smem = (
+        plgpu.SMEM((_COMPUTE_WGS, _ROWS_PER_WG, d), q.dtype, transforms=tiles),
+        plgpu.SMEM((stages, BLOCK_SIZE, d), q.dtype, transforms=tiles),
+        plgpu.SMEM((stages, BLOCK_SIZE, d), q.dtype, transforms=tiles),
+        plgpu.SMEM((_COMPUTE_WGS, _ROWS_PER_WG), jnp.float32),
+    )
+    loaded = (plgpu.Barrier(num_barriers=stages),
+              plgpu.Barrier(num_barriers=stages),
+              plgpu.Barrier(num_barriers=_COMPUTE_WGS))
+    freed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
+    schedule = plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
+    pl.run_scoped(
+        lambda *scoped: kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref,
+                               lse_ref, scoped),
+        smem, loaded, freed, schedule, collective_axes="wg")
+
+  # TMA tiles the sequence axis by 8 rows: pad the rare S % 8 != 0 (the pad
+  # keys sit in block n-1 and are masked like any tail).
+  pad = -s % 8
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  out, lse = plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((b, h, n * BLOCK_SIZE), jnp.float32)),
+      # Query blocks fastest: CTAs in flight share one head's K/V in L2.
+      grid=(n, h, b),
+      grid_names=("q_blocks", "heads", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(indices, counts, q, k, v)
+  return out[:, :s], lse[..., :s]
+
+
+def _check(q, block_size, sm_scale, config, interpret):
+  if interpret:
+    # jax's GPU interpreter simulates every warpgroup and barrier: minutes for
+    # even one small head. CPU tests lower this kernel instead (see tests/).
+    raise ValueError("mosaic_gpu backend has no interpret mode; use "
+                     "implementation='triton' with interpret=True on CPU")
+  d = q.shape[-1]
+  if d not in HEAD_DIMS:
+    raise ValueError(f"mosaic_gpu backend: head_dim must be one of {HEAD_DIMS}, "
+                     f"got {d}")
+  if jnp.dtype(q.dtype) not in map(jnp.dtype, DTYPES):
+    raise ValueError(f"mosaic_gpu backend: dtype must be bfloat16 or float16, got "
+                     f"{q.dtype}; use implementation='triton' for float32")
+  if block_size != BLOCK_SIZE:
+    raise ValueError(f"mosaic_gpu backend: block_size must be {BLOCK_SIZE}, got "
+                     f"{block_size}; use implementation='triton' for 64")
+  if not sm_scale > 0:
+    raise ValueError(f"mosaic_gpu backend: sm_scale must be > 0, got {sm_scale}")
+  config.validate(d)
+
+
+def block_sparse_attention_fwd(q, k, v, table: BlockTable, *, block_size: int,
+                               sm_scale: Optional[float] = None,
+                               interpret: bool = False,
+                               config: MosaicConfig = DEFAULT_CONFIG):
+  """Returns (out [B, S, H, D] in q.dtype, lse float32 [B, H, S])."""
+  scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  _check(q, block_size, scale, config, interpret)
+  return _fwd(q, k, v, table.indices, table.counts, sm_scale=scale, config=config)
+
+
+def block_sparse_lse(q, k, table: BlockTable, *, block_size: int,
+                     sm_scale: Optional[float] = None, interpret: bool = False):
+  """Row log-sum-exp only, float32 [B, H, S]: the Triton kernel's QK-only pass."""
+  return attention_triton.block_sparse_lse(q, k, table, block_size=block_size,
+                                           sm_scale=sm_scale, interpret=interpret)

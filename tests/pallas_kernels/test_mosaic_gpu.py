@@ -1,0 +1,155 @@
+"""The Mosaic GPU (Hopper) backend.
+
+On an sm_90 GPU the compiled kernel is checked against the float32 reference
+(fresh random inputs, odd lengths, empty rows, both 16-bit dtypes, D 64/128,
+broadcast tables). Everywhere else the kernel is traced and lowered for CUDA,
+which runs the whole Pallas -> Mosaic GPU lowering in Python, and the argument
+checks run; the compiled cases skip.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import attention_mosaic_gpu as mg
+from pallas_kernels import compact_block_mask
+from tests.pallas_kernels.lowering import lower
+
+ON_HOPPER = jax.default_backend() == "gpu" and mg.is_supported_device()
+hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 (Hopper) GPU")
+TOL = {jnp.float16: 5e-3, jnp.bfloat16: 1.5e-2}
+
+
+def _qkv(seed, b, s, h, d, dtype):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(k, (b, s, h, d), jnp.float32).astype(dtype)
+               for k in keys)
+
+
+def _mask(seed, b, h, n, density, empty_rows=()):
+  rng = np.random.default_rng(seed)
+  mask = (rng.random((b, h, n, n)) < density) | np.eye(n, dtype=bool)
+  for r in empty_rows:
+    mask[..., r, :] = False
+  return jnp.asarray(mask)
+
+
+def _rel_err(out, ref):
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  assert np.isfinite(out).all(), "non-finite output"
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+# (batch, seq_len, heads, head_dim, dtype, density, empty query-block rows)
+CASES = [
+    (1, 1024, 2, 128, jnp.bfloat16, 0.5, ()),
+    (2, 1000, 3, 128, jnp.bfloat16, 0.3, (2,)),       # ragged tail, empty row
+    (1, 4100, 2, 64, jnp.float16, 0.4, (0, 32)),      # tail of 4 keys
+    (1, 640, 1, 128, jnp.float16, 1.0, ()),           # dense
+    (1, 8269, 2, 128, jnp.bfloat16, 0.1, (5,)),
+    (2, 2048, 2, 64, jnp.bfloat16, 0.05, ()),         # mostly diagonal only
+]
+
+
+@hopper
+@pytest.mark.parametrize("b,s,h,d,dtype,density,empty", CASES)
+def test_matches_reference(b, s, h, d, dtype, density, empty):
+  n = -(-s // 128)
+  q, k, v = _qkv(s + d, b, s, h, d, dtype)
+  mask = _mask(s, b, h, n, density, empty)
+  out, lse = mg.block_sparse_attention_fwd(q, k, v, compact_block_mask(mask),
+                                           block_size=128)
+  ref, ref_lse = pk.block_sparse_attention_reference(q, k, v, mask, block_size=128,
+                                                     return_lse=True)
+  assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, s)
+  assert _rel_err(out, ref) < TOL[dtype]
+  ref_lse = np.asarray(ref_lse)
+  lse = np.asarray(lse)
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), finite)
+  np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
+  for r in empty:
+    rows = slice(r * 128, min(s, (r + 1) * 128))
+    assert not np.asarray(out[:, rows], np.float32).any(), "empty row not zero"
+
+
+@hopper
+@pytest.mark.parametrize("lead", [(1, 1), (2, 1), (1, 3)])
+def test_broadcast_tables_and_public_api(lead):
+  b, s, h, d = 2, 777, 3, 128
+  n = -(-s // 128)
+  q, k, v = _qkv(1, b, s, h, d, jnp.bfloat16)
+  mask = _mask(2, *lead, n, 0.4)
+  out = pk.block_sparse_attention(q, k, v, mask, implementation="mosaic_gpu")
+  ref = pk.block_sparse_attention_reference(q, k, v, mask)
+  assert _rel_err(out, ref) < TOL[jnp.bfloat16]
+  # The default on Hopper is this backend: same bits.
+  default = pk.block_sparse_attention(q, k, v, mask)
+  np.testing.assert_array_equal(np.asarray(default, np.float32),
+                                np.asarray(out, np.float32))
+
+
+@hopper
+def test_deterministic_and_dense_matches_cudnn():
+  q, k, v = _qkv(3, 1, 2048, 4, 128, jnp.bfloat16)
+  f = jax.jit(functools.partial(pk.block_sparse_attention, block_mask=None,
+                                implementation="mosaic_gpu"))
+  a, b = np.asarray(f(q, k, v), np.float32), np.asarray(f(q, k, v), np.float32)
+  np.testing.assert_array_equal(a, b)
+  ref = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  assert _rel_err(a, ref) < 1e-2
+
+
+@hopper
+def test_with_map_and_sparsity_map_run():
+  b, s, h, d = 1, 1000, 2, 128
+  n = -(-s // 128)
+  q, k, v = _qkv(4, b, s, h, d, jnp.bfloat16)
+  mask = _mask(5, b, h, n, 0.5)
+  out, smap = pk.block_sparse_attention_with_map(q, k, v, mask, implementation="mosaic_gpu")
+  ref_map = pk.sparsity_map(q, k, block_mask=mask, implementation="triton")
+  np.testing.assert_allclose(np.asarray(smap), np.asarray(ref_map), atol=2e-2)
+  assert _rel_err(out, pk.block_sparse_attention_reference(q, k, v, mask)) < 1.5e-2
+
+
+@pytest.mark.parametrize("s,d,dtype,lead", [
+    (1024, 128, jnp.bfloat16, (1, 2)),
+    (1000, 128, jnp.float16, (1, 1)),     # ragged tail: the masked last step
+    (4100, 64, jnp.bfloat16, (2, 2)),
+])
+def test_lowers_for_cuda(s, d, dtype, lead):
+  """The full Pallas -> Mosaic GPU lowering runs (no GPU needed)."""
+  b, h = 2, 2
+  n = -(-s // 128)
+  q = jax.ShapeDtypeStruct((b, s, h, d), dtype)
+  table = compact_block_mask(_mask(0, *lead, n, 0.5))
+  fn = lambda q, k, v, t: mg.block_sparse_attention_fwd(q, k, v, t, block_size=128)
+  text = lower(fn, "cuda", q, q, q, table)
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kwargs,dtype,d,message", [
+    ({}, jnp.float32, 128, "bfloat16 or float16"),
+    ({"block_size": 64}, jnp.bfloat16, 128, "block_size must be 128"),
+    ({}, jnp.bfloat16, 96, "head_dim must be one of"),
+    ({"sm_scale": 0.0}, jnp.bfloat16, 128, "sm_scale must be > 0"),
+    ({"config": mg.MosaicConfig(stages=3)}, jnp.bfloat16, 128, "shared memory"),
+    ({"config": mg.MosaicConfig(stages=1)}, jnp.bfloat16, 128, "stages must be"),
+    ({"interpret": True}, jnp.bfloat16, 128, "no interpret mode"),
+])
+def test_rejects_unsupported(kwargs, dtype, d, message):
+  q = jnp.ones((1, 256, 1, d), dtype)
+  kwargs = {"block_size": 128, **kwargs}
+  table = pk.dense_block_table((1, 1), 2)
+  with pytest.raises(ValueError, match=message):
+    mg.block_sparse_attention_fwd(q, q, q, table, **kwargs)
+
+
+def test_public_api_names_the_backend():
+  q = jnp.ones((1, 256, 1, 128), jnp.float32)
+  with pytest.raises(ValueError, match="mosaic_gpu backend: dtype"):
+    pk.block_sparse_attention(q, q, q, None, implementation="mosaic_gpu")
