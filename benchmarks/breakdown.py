@@ -52,6 +52,13 @@ def main():
       "forward_ours_dense": attention.AttentionControl(mode="sparse", block_mask=dense_table),
       f"forward_sparse_d{args.density}": attention.AttentionControl(mode="sparse", block_mask=layer_table),
   }
+  # The default sparse backend side by side with the portable Triton kernel.
+  default_impl = pk.default_implementation(jnp.bfloat16, config.head_dim)
+  if default_impl != "triton":
+    variants["forward_ours_dense_triton"] = attention.AttentionControl(
+        mode="sparse", block_mask=dense_table, sparse_implementation="triton")
+    variants[f"forward_sparse_d{args.density}_triton"] = attention.AttentionControl(
+        mode="sparse", block_mask=layer_table, sparse_implementation="triton")
   rows = []
   # Return the stats too: a dropped sparsity map would be dead code to XLA.
   fwd = jax.jit(lambda p, x, c, ctl: models.apply(config, p, x, t, c, ctl))
@@ -69,7 +76,8 @@ def main():
   print(rows[-1], flush=True)
   for r in rows:
     r.update(frames=frames, height=height, width=width, tokens=tokens, batch=2,
-             layers=config.num_layers)
+             layers=config.num_layers, sparse_implementation=(
+                 "triton" if r["mode"].endswith("_triton") else default_impl))
   result = dict(kind="e2e", subkind="step_breakdown", card=jax.devices()[0].device_kind,
                 jax=jax.__version__, date=datetime.date.today().isoformat(),
                 model="wan2_1_1_3b", rows=rows)
