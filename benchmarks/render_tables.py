@@ -27,34 +27,54 @@ def _fmt(x, spec):
 
 
 def kernel_table(runs):
-  """One row per (S, H, mask, density): cuDNN dense, FlexAttention, ours, the map pass."""
+  """One row per (S, H, mask, density): baselines, each of our backends, ratios.
+
+  Ratios are for the first of our backends (mosaic_gpu when present): speedup
+  over cuDNN dense and FlexAttention, and "eff." = the share of cuDNN's dense
+  throughput it reaches on the blocks it computes (t_cudnn * density / t).
+  """
   lines = []
   for name, run in runs:
     rows = [r for r in run["rows"] if not r.get("sweep") and "time_ms" in r]
-    dense = {(r["seq_len"], r["heads"]): r["time_ms"] for r in rows if r["impl"] == "cudnn_dense"}
+    dense = {}
+    for r in rows:
+      if r["mask"] == "dense":
+        dense.setdefault((r["seq_len"], r["heads"]), {})[r["impl"]] = r
     cells = {}
     for r in rows:
-      if r["impl"] in ("cudnn_dense", "pallas_dense"):
+      if r["mask"] == "dense":
         continue
       key = (r["seq_len"], r["heads"], r.get("mask", ""), round(r.get("density") or 1.0, 3))
       impl = r["impl"] + (":" + r["variant"] if r.get("variant") else "")
       cells.setdefault(key, {})[impl] = r
-    ours_name = next((i for c in cells.values() for i in c if i.startswith("ours_")), "ours_triton")
+    ours = sorted({i for c in cells.values() for i in c if i.startswith("ours_")},
+                  key=lambda i: (i != "ours_mosaic_gpu", i))
+    has_fa3 = any(r["impl"] == "jax_fa3_dense" for r in rows)
     lines += [f"`{name}` ({run['card']}, jax {run['jax']}); map = sparsity-map pass given the "
-              "row LSE, as a fraction of one cuDNN dense call", "",
-              f"| S | H | mask | density | cuDNN dense ms | flex ms | {ours_name} ms | vs cuDNN | "
-              "vs flex | rel err | map |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "row LSE, as a fraction of one cuDNN dense call", ""]
+    if run.get("timing_note"):
+      lines += [f"Timing: {run['timing_note']}", ""]
+    head = ["S", "H", "mask", "density", "cuDNN dense ms"] + (["jax FA3 dense ms"] if has_fa3 else [])
+    head += ["flex ms"] + [f"{i} ms" for i in ours] + ["vs cuDNN", "eff.", "vs flex", "rel err", "map"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    t = lambda r: f"{r['time_ms']:.3f}" if r and r.get("time_ms") else ""
     for key in sorted(cells):
-      c, base = cells[key], dense.get(key[:2])
-      ours, flex = c.get(ours_name), c.get("flex")
+      c, base_rows = cells[key], dense.get(key[:2], {})
+      base = base_rows.get("cudnn_dense", {}).get("time_ms")
+      best = c.get(ours[0]) if ours else None
+      flex = c.get("flex")
       smap = c.get("sparsity_map:given_lse")
-      t = lambda r: f"{r['time_ms']:.3f}" if r else ""
-      vs_c = f"{base / ours['time_ms']:.2f}x" if ours and base else ""
-      vs_f = f"{flex['time_ms'] / ours['time_ms']:.2f}x" if ours and flex else ""
-      err = _fmt(ours.get("rel_err") if ours else None, ".1e")
-      map_ratio = f"{smap['time_ms'] / base:.2f}" if smap and base else ""
-      lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:.3f} | {_fmt(base, '.3f')} | "
-                   f"{t(flex)} | {t(ours)} | {vs_c} | {vs_f} | {err} | {map_ratio} |")
+      ok = best and best.get("time_ms")
+      vs_c = f"{base / best['time_ms']:.2f}x" if ok and base else ""
+      eff = f"{base * key[3] / best['time_ms']:.0%}" if ok and base else ""
+      vs_f = f"{flex['time_ms'] / best['time_ms']:.2f}x" if ok and flex and flex.get("time_ms") else ""
+      err = _fmt(best.get("rel_err") if best else None, ".1e")
+      map_ratio = f"{smap['time_ms'] / base:.2f}" if smap and smap.get("time_ms") and base else ""
+      cols = [str(key[0]), str(key[1]), key[2], f"{key[3]:.3f}", _fmt(base, ".3f")]
+      if has_fa3:
+        cols.append(t(base_rows.get("jax_fa3_dense")))
+      cols += [t(flex)] + [t(c.get(i)) for i in ours] + [vs_c, eff, vs_f, err, map_ratio]
+      lines.append("| " + " | ".join(cols) + " |")
     lines.append("")
   return lines
 

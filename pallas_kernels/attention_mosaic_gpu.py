@@ -51,6 +51,8 @@ _ROWS_PER_WG = 64           # wgmma M per compute warpgroup
 _COMPUTE_WGS = BLOCK_SIZE // _ROWS_PER_WG
 _SMEM_LIMIT = 232448        # bytes of shared memory per block on sm_90
 _SMEM_RESERVE = 4096
+_MEMORY_REGISTERS = 40       # per thread of the memory warpgroup
+_MAX_COMPUTE_REGISTERS = (65536 // 128 - _MEMORY_REGISTERS) // _COMPUTE_WGS // 8 * 8
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
@@ -63,7 +65,7 @@ class MosaicConfig:
     stages: K/V shared-memory slots in flight (2, 3 or 4; more than 2 only
       fits in the 227 KB of shared memory with head_dim 64).
     compute_registers: registers per thread given to the compute warpgroups
-      (the memory warpgroup gets 40).
+      (the memory warpgroup gets 40; at most 232 fit).
   """
 
   stages: int = 2
@@ -72,6 +74,14 @@ class MosaicConfig:
   def validate(self, head_dim: int) -> None:
     if self.stages not in (2, 3, 4):
       raise ValueError(f"MosaicConfig.stages must be 2, 3 or 4, got {self.stages}")
+    # setmaxnreg takes multiples of 8, and the three warpgroups must fit the
+    # SM's 64K registers: asking for more hangs the kernel (seen on an H200).
+    regs = self.compute_registers
+    if regs % 8 or not 24 <= regs <= _MAX_COMPUTE_REGISTERS:
+      raise ValueError(
+          f"MosaicConfig.compute_registers must be a multiple of 8 in [24, "
+          f"{_MAX_COMPUTE_REGISTERS}] (2 x 128 threads x it + 128 x "
+          f"{_MEMORY_REGISTERS} <= 65536), got {regs}")
     tiles = 2 * (_COMPUTE_WGS * _ROWS_PER_WG + 2 * self.stages * BLOCK_SIZE) * head_dim
     # + lse staging, barriers and alignment: 2.7 KB measured (stages=3, D=128).
     if tiles + _SMEM_RESERVE > _SMEM_LIMIT:
@@ -209,7 +219,7 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
 
   @pl.when(wg == _COMPUTE_WGS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
     def load(t, slot, wait: bool):
       block = idx_ref[(*row, t)]

@@ -140,6 +140,10 @@ def test_lowers_for_cuda(s, d, dtype, lead):
     ({"config": mg.MosaicConfig(stages=3)}, jnp.bfloat16, 128, "shared memory"),
     ({"config": mg.MosaicConfig(stages=1)}, jnp.bfloat16, 128, "stages must be"),
     ({"interpret": True}, jnp.bfloat16, 128, "no interpret mode"),
+    # 240 registers x 2 compute warpgroups overflow the register file: the
+    # kernel would hang, so the config is refused up front.
+    ({"config": mg.MosaicConfig(compute_registers=240)}, jnp.bfloat16, 128, "compute_registers"),
+    ({"config": mg.MosaicConfig(compute_registers=228)}, jnp.bfloat16, 128, "multiple of 8"),
 ])
 def test_rejects_unsupported(kwargs, dtype, d, message):
   q = jnp.ones((1, 256, 1, d), dtype)

@@ -1,0 +1,26 @@
+"""benchmarks/kernels.py: the timing protocol and a CPU smoke run."""
+
+import json
+
+import pytest
+
+from benchmarks import kernels
+
+
+@pytest.mark.parametrize("one_call_s", [1e-6, 5e-5, 0.8e-3, 2e-3, 9.9e-3, 10e-3, 0.05])
+def test_bursts_last_at_least_10ms_unless_capped(one_call_s):
+  n = kernels.burst_length(one_call_s)
+  assert 1 <= n <= 200
+  assert n * one_call_s >= kernels.BURST_S or n == 200
+  # Not longer than needed: one call fewer would fall short of the burst.
+  assert n == 1 or (n - 1) * one_call_s < kernels.BURST_S
+
+
+def test_quick_interpret_run_writes_rows(tmp_path):
+  out = tmp_path / "k.json"
+  kernels.main(["--quick", "--interpret", "--runs", "1", "--no-map", "--densities", "0.5",
+                "--masks", "random", "--backends", "triton", "--out", str(out)])
+  doc = json.loads(out.read_text())
+  assert doc["kind"] == "kernel" and doc["rows"]
+  row = next(r for r in doc["rows"] if r["impl"] == "ours_triton")
+  assert row["time_ms"] > 0 and row["rel_err"] < 1e-2
