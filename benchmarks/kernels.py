@@ -527,17 +527,19 @@ class Bench:
                    config=f"bk{block_k}_w{warps}_s{stages}", sweep=True, **extra)
 
   def run_mosaic_sweep(self, shape, sets, table, ref, hr, mask_kind, density, extra):
-    for stages, registers in self.args.mosaic_sweep:
+    for stages, registers, heads_fastest in self.args.mosaic_sweep:
       if self.out_of_time():
         return
-      cfg = mosaic_gpu.MosaicConfig(stages=stages, compute_registers=registers)
+      cfg = mosaic_gpu.MosaicConfig(stages=stages, compute_registers=registers,
+                                    heads_fastest=bool(heads_fastest))
       def run(cfg=cfg):
         fn = jax.jit(lambda q, k, v, t: mosaic_gpu.block_sparse_attention_fwd(
             q, k, v, t, block_size=shape.block, config=cfg)[0])
         ms, comp, out = time_jax(fn, [(*st, table) for st in sets], self.args.runs)
         return ms, rel_err(out[:, :, :hr], ref), {"compile_s": round(comp, 2)}
       self.guarded(shape, "ours_mosaic_gpu", mask_kind, density, run,
-                   config=f"stages{stages}_regs{registers}", sweep=True, **extra)
+                   config=f"stages{stages}_regs{registers}_hf{heads_fastest}", sweep=True,
+                   **extra)
 
   def run_map(self, shape, sets, mask, table, mask_kind, density, dense_ms, extra):
     args = self.args
@@ -691,7 +693,8 @@ def parse_args(argv=None):
   p.add_argument("--sweep-configs", type=_tiling_list, default=TRITON_SWEEP,
                  help="Triton tilings to sweep, 'block_k,warps,stages;...'")
   p.add_argument("--mosaic-sweep", type=_tiling_list, default=(),
-                 help="Mosaic GPU configs to sweep, 'stages,registers;...'")
+                 help="Mosaic GPU configs to sweep, 'stages,registers,heads_fastest;...' "
+                      "(e.g. '2,232,1;2,224,0')")
   p.add_argument("--sweep-seq-lens", type=int, nargs="+", default=[16384, 32760])
   p.add_argument("--sweep-densities", type=float, nargs="+", default=[1.0, 0.25])
   p.add_argument("--max-minutes", type=float, default=45.0)

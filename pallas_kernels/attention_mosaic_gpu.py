@@ -66,10 +66,14 @@ class MosaicConfig:
       fits in the 227 KB of shared memory with head_dim 64).
     compute_registers: registers per thread given to the compute warpgroups
       (the memory warpgroup gets 40; at most 232 fit).
+    heads_fastest: launch order of the CTAs. False (default): query blocks
+      fastest, so the CTAs in flight share one head's K/V in L2. True: heads
+      fastest, as jax's FA3 kernel launches (a dense-mode comparison point).
   """
 
   stages: int = 2
   compute_registers: int = 232
+  heads_fastest: bool = False
 
   def validate(self, head_dim: int) -> None:
     if self.stages not in (2, 3, 4):
@@ -280,9 +284,9 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
       entry,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((b, h, n * BLOCK_SIZE), jnp.float32)),
-      # Query blocks fastest: CTAs in flight share one head's K/V in L2.
-      grid=(n, h, b),
-      grid_names=("q_blocks", "heads", "batch"),
+      grid=(h, n, b) if config.heads_fastest else (n, h, b),
+      grid_names=(("heads", "q_blocks", "batch") if config.heads_fastest
+                  else ("q_blocks", "heads", "batch")),
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -94,6 +94,16 @@ def test_broadcast_tables_and_public_api(lead):
 
 
 @hopper
+def test_heads_fastest_launch_order_same_result():
+  q, k, v = _qkv(6, 2, 1000, 3, 128, jnp.bfloat16)
+  table = compact_block_mask(_mask(7, 2, 3, 8, 0.4, (1,)))
+  run = lambda cfg: np.asarray(mg.block_sparse_attention_fwd(
+      q, k, v, table, block_size=128, config=cfg)[0], np.float32)
+  np.testing.assert_array_equal(run(mg.MosaicConfig(heads_fastest=True)),
+                                run(mg.MosaicConfig()))
+
+
+@hopper
 def test_deterministic_and_dense_matches_cudnn():
   q, k, v = _qkv(3, 1, 2048, 4, 128, jnp.bfloat16)
   f = jax.jit(functools.partial(pk.block_sparse_attention, block_mask=None,
@@ -121,13 +131,16 @@ def test_with_map_and_sparsity_map_run():
     (1000, 128, jnp.float16, (1, 1)),     # ragged tail: the masked last step
     (4100, 64, jnp.bfloat16, (2, 2)),
 ])
-def test_lowers_for_cuda(s, d, dtype, lead):
+@pytest.mark.parametrize("heads_fastest", [False, True])
+def test_lowers_for_cuda(s, d, dtype, lead, heads_fastest):
   """The full Pallas -> Mosaic GPU lowering runs (no GPU needed)."""
   b, h = 2, 2
   n = -(-s // 128)
   q = jax.ShapeDtypeStruct((b, s, h, d), dtype)
   table = compact_block_mask(_mask(0, *lead, n, 0.5))
-  fn = lambda q, k, v, t: mg.block_sparse_attention_fwd(q, k, v, t, block_size=128)
+  config = mg.MosaicConfig(heads_fastest=heads_fastest)
+  fn = lambda q, k, v, t: mg.block_sparse_attention_fwd(q, k, v, t, block_size=128,
+                                                       config=config)
   text = lower(fn, "cuda", q, q, q, table)
   assert "mosaic_gpu" in text
 
