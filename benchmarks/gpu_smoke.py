@@ -11,6 +11,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels import map_reference
+from pallas_kernels.attention_mosaic_gpu import is_supported_device
 from benchmarks.timing import median_ms
 
 
@@ -26,9 +27,12 @@ def main():
   args = ap.parse_args()
   rows = []
   key = jax.random.key(0)
-  for impl in ("triton", "xla"):
+  gpu_impls = (["mosaic_gpu"] if is_supported_device() else []) + ["triton"]
+  for impl in gpu_impls + ["xla"]:
     for (s, h, d, bs, dtype) in [(1000, 2, 64, 64, jnp.bfloat16), (4096, 4, 128, 128, jnp.bfloat16),
                                  (2000, 2, 128, 128, jnp.float16)]:
+      if impl == "mosaic_gpu" and bs != 128:
+        continue                      # the Hopper kernel's mask blocks are 128
       try:
         kq, kk, kv, km = jax.random.split(jax.random.fold_in(key, s), 4)
         q = (jax.random.normal(kq, (2, s, h, d)) * 2).astype(dtype)
@@ -67,7 +71,7 @@ def main():
   rows.append(dict(impl="cudnn_dense", s=s, time_ms=t_cudnn))
   for dens in (1.0, 0.25, 0.1):
     mask = jax.random.bernoulli(km, dens, (1, h, n, n)) | jnp.eye(n, dtype=bool)
-    for impl in ("triton",):
+    for impl in gpu_impls:
       try:
         f = jax.jit(lambda q, k, v, m: pk.block_sparse_attention(q, k, v, m, implementation=impl))
         t = median_ms(f, q, k, v, mask, reps=10)
