@@ -29,8 +29,8 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_table import (BlockTable, check_block_table, compact_block_mask,
-                                        dense_block_table)
+from pallas_kernels.block_table import (BlockTable, block_mask_from_table, check_block_table,
+                                        compact_block_mask, dense_block_table)
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -138,10 +138,14 @@ def _to_table(block_mask: MaskLike, batch: int, heads: int, n: int,
           f"block_mask (BlockTable) leading dims must be [batch, heads] = "
           f"[{batch}, {heads}] (or 1 to broadcast), got indices shape "
           f"{tuple(block_mask.indices.shape)}")
-    # A user-built table: keep every id and count in range, so a bad table
-    # can give wrong numbers but never an out-of-bounds read.
+    # Keep every id and count in range: never an out-of-bounds read.
     table = BlockTable(indices=jnp.clip(block_mask.indices, 0, n - 1),
-                       counts=jnp.clip(block_mask.counts, 0, block_mask.width))
+                       counts=jnp.clip(block_mask.counts, 0, block_mask.width),
+                       canonical=block_mask.canonical)
+    if not table.canonical:
+      # A hand-built table: sort and de-duplicate its rows (through the mask
+      # it encodes), since the kernels find the ragged tail block last.
+      table = compact_block_mask(block_mask_from_table(table, n), max_width=table.width)
   else:
     if not hasattr(block_mask, "shape"):
       raise ValueError(f"block_mask must be a bool array [batch, heads, n, n], a "

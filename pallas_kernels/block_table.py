@@ -43,10 +43,15 @@ class BlockTable:
     indices: int32 [..., n, w], ascending active key-block ids, padded by
       repeating the last valid id (0 for empty rows).
     counts: int32 [..., n], number of valid entries per row.
+    canonical: static; True for tables built here (`compact_block_mask`,
+      `dense_block_table`), which are ascending and duplicate-free as above.
+      The kernels rely on that (the ragged last key block must be a row's last
+      entry), so the public entry points canonicalise hand-built tables.
   """
 
   indices: jax.Array
   counts: jax.Array
+  canonical: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def num_blocks(self) -> int:
@@ -73,7 +78,7 @@ class BlockTable:
     n, w = self.indices.shape[-2:]
     return BlockTable(
         indices=jnp.broadcast_to(self.indices, (*shape, n, w)),
-        counts=jnp.broadcast_to(self.counts, (*shape, n)))
+        counts=jnp.broadcast_to(self.counts, (*shape, n)), canonical=self.canonical)
 
 
 def compact_block_mask(block_mask: jax.Array,
@@ -112,7 +117,7 @@ def compact_block_mask(block_mask: jax.Array,
   last = jnp.where(counts[..., None] > 0, last, 0)
   slot = jnp.arange(w, dtype=jnp.int32)
   indices = jnp.where(slot < counts[..., None], raw, last).astype(jnp.int32)
-  return BlockTable(indices=indices, counts=counts)
+  return BlockTable(indices=indices, counts=counts, canonical=True)
 
 
 def block_mask_from_table(table: BlockTable, n: Optional[int] = None) -> jax.Array:
@@ -140,7 +145,7 @@ def dense_block_table(shape: tuple[int, ...], n: int) -> BlockTable:
   """The table of an all-True mask: every row lists 0..n-1."""
   indices = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (*shape, n, n))
   counts = jnp.full((*shape, n), n, jnp.int32)
-  return BlockTable(indices=indices, counts=counts)
+  return BlockTable(indices=indices, counts=counts, canonical=True)
 
 
 def check_block_table(table: BlockTable, n: Optional[int] = None,
