@@ -143,12 +143,11 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
                             qo_smem, q_loaded.at[wg])
     plgpu.barrier_wait(q_loaded.at[wg])
 
-    layout = plgpu.layout_cast
     rows = plgpu.Layout.WGMMA.reduce(1)
-    m_i = layout(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), rows)
-    l_i = layout(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), rows)
-    acc = layout(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32),
-                 plgpu.Layout.WGMMA)
+    m_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), rows)
+    l_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), rows)
+    acc = plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32),
+                            plgpu.Layout.WGMMA)
 
     @pl.when(count > 0)
     def _():
