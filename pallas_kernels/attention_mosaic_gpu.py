@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import attention_triton
-from pallas_kernels.block_table import BlockTable
+from pallas_kernels.block_table import BlockTable, check_block_table
 
 __all__ = ["MosaicConfig", "block_sparse_attention_fwd", "block_sparse_lse",
            "is_supported_device"]
@@ -293,6 +293,20 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
   return out[:, :s], lse[..., :s]
 
 
+def _check_table(table: BlockTable, n: int):
+  # The kernel reads ids straight from the table: shapes must match and the
+  # rows must be sorted and in range, as compact_block_mask builds them (the
+  # public API canonicalises anything else before calling here).
+  check_block_table(table, n, name="table")
+  if table.indices.ndim != 4:
+    raise ValueError(f"mosaic_gpu backend: table must be [batch, heads, n, w], got "
+                     f"indices shape {table.indices.shape}")
+  if not table.canonical:
+    raise ValueError("mosaic_gpu backend: table must be canonical (built by "
+                     "compact_block_mask or dense_block_table); pass hand-built "
+                     "tables through pallas_kernels.block_sparse_attention")
+
+
 def _check(q, block_size, sm_scale, config, interpret):
   if interpret:
     # jax's GPU interpreter simulates every warpgroup and barrier: minutes for
@@ -321,6 +335,7 @@ def block_sparse_attention_fwd(q, k, v, table: BlockTable, *, block_size: int,
   """Returns (out [B, S, H, D] in q.dtype, lse float32 [B, H, S])."""
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
   _check(q, block_size, scale, config, interpret)
+  _check_table(table, -(-q.shape[1] // BLOCK_SIZE))
   return _fwd(q, k, v, table.indices, table.counts, sm_scale=scale, config=config)
 
 

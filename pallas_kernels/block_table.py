@@ -19,6 +19,7 @@ from a static bound (MOD-DiT: min(n, top_k + blocks_per_frame)).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -46,7 +47,9 @@ class BlockTable:
     canonical: static; True for tables built here (`compact_block_mask`,
       `dense_block_table`), which are ascending and duplicate-free as above.
       The kernels rely on that (the ragged last key block must be a row's last
-      entry), so the public entry points canonicalise hand-built tables.
+      entry), so the public entry points canonicalise every other table.
+      `replace()` clears it unless it is passed; `jax.tree.map` keeps it, so
+      rebuild edited tables with `compact_block_mask` (or pass canonical=False).
   """
 
   indices: jax.Array
@@ -79,6 +82,16 @@ class BlockTable:
     return BlockTable(
         indices=jnp.broadcast_to(self.indices, (*shape, n, w)),
         counts=jnp.broadcast_to(self.counts, (*shape, n)), canonical=self.canonical)
+
+
+def _replace(self, **updates) -> "BlockTable":
+  """dataclasses.replace that no longer vouches for edited entries."""
+  updates.setdefault("canonical", False)
+  return dataclasses.replace(self, **updates)
+
+
+# flax.struct installs its own `replace` on the class; this one clears the flag.
+BlockTable.replace = _replace
 
 
 def compact_block_mask(block_mask: jax.Array,

@@ -52,6 +52,8 @@ CASES = [
     (1, 640, 1, 128, jnp.float16, 1.0, ()),           # dense
     (1, 8269, 2, 128, jnp.bfloat16, 0.1, (5,)),
     (2, 2048, 2, 64, jnp.bfloat16, 0.05, ()),         # mostly diagonal only
+    (1, 100, 2, 128, jnp.bfloat16, 1.0, ()),          # S < 128: one ragged block
+    (2, 300, 2, 128, jnp.float16, 0.0, ()),           # last row holds only the tail
 ]
 
 
@@ -94,6 +96,20 @@ def test_broadcast_tables_and_public_api(lead):
 
 
 @hopper
+@pytest.mark.parametrize("config", [mg.MosaicConfig(stages=3), mg.MosaicConfig(stages=4),
+                                    mg.MosaicConfig(compute_registers=224)])
+def test_other_configs_match_reference(config):
+  """Deeper K/V rings (they fit at head_dim 64) and a smaller register split."""
+  b, s, h, d = 1, 1500, 2, 64
+  q, k, v = _qkv(8, b, s, h, d, jnp.bfloat16)
+  mask = _mask(9, b, h, 12, 0.5, (3,))
+  out, _ = mg.block_sparse_attention_fwd(q, k, v, compact_block_mask(mask), block_size=128,
+                                         config=config)
+  ref = pk.block_sparse_attention_reference(q, k, v, mask)
+  assert _rel_err(out, ref) < TOL[jnp.bfloat16]
+
+
+@hopper
 def test_heads_fastest_launch_order_same_result():
   q, k, v = _qkv(6, 2, 1000, 3, 128, jnp.bfloat16)
   table = compact_block_mask(_mask(7, 2, 3, 8, 0.4, (1,)))
@@ -127,6 +143,7 @@ def test_with_map_and_sparsity_map_run():
 
 
 @pytest.mark.parametrize("s,d,dtype,lead", [
+    (100, 128, jnp.bfloat16, (1, 1)),      # shorter than one block
     (1024, 128, jnp.bfloat16, (1, 2)),
     (1000, 128, jnp.float16, (1, 1)),     # ragged tail: the masked last step
     (4100, 64, jnp.bfloat16, (2, 2)),
@@ -164,6 +181,18 @@ def test_rejects_unsupported(kwargs, dtype, d, message):
   table = pk.dense_block_table((1, 1), 2)
   with pytest.raises(ValueError, match=message):
     mg.block_sparse_attention_fwd(q, q, q, table, **kwargs)
+
+
+def test_backend_refuses_tables_it_cannot_trust():
+  """Direct calls need a table from compact_block_mask (the API canonicalises)."""
+  q = jnp.ones((1, 256, 1, 128), jnp.bfloat16)
+  good = compact_block_mask(jnp.ones((1, 1, 2, 2), bool))
+  assert good.canonical and not good.replace(counts=good.counts).canonical
+  with pytest.raises(ValueError, match="canonical"):
+    mg.block_sparse_attention_fwd(q, q, q, good.replace(counts=good.counts), block_size=128)
+  with pytest.raises(ValueError, match="query-block rows"):
+    mg.block_sparse_attention_fwd(q, q, q, compact_block_mask(jnp.ones((1, 1, 3, 3), bool)),
+                                  block_size=128)
 
 
 def test_public_api_names_the_backend():
