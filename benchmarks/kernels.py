@@ -514,32 +514,32 @@ class Bench:
 
   def run_triton_sweep(self, shape, sets, table, ref, hr, mask_kind, density, extra):
     from pallas_kernels import attention_triton as at
-    for block_k, warps, stages in self.args.sweep_configs:
-      if self.out_of_time():
-        return
-      cfg = at.TritonConfig(block_k=block_k, num_warps=warps, num_stages=stages)
-      def run(cfg=cfg):
-        fn = jax.jit(lambda q, k, v, t: at.block_sparse_attention_fwd(
-            q, k, v, t, block_size=shape.block, config=cfg)[0])
-        ms, comp, out = time_jax(fn, [(*st, table) for st in sets], self.args.runs)
-        return ms, rel_err(out[:, :, :hr], ref), {"compile_s": round(comp, 2)}
-      self.guarded(shape, "ours_triton", mask_kind, density, run,
-                   config=f"bk{block_k}_w{warps}_s{stages}", sweep=True, **extra)
+    configs = [(f"bk{block_k}_w{warps}_s{stages}",
+                at.TritonConfig(block_k=block_k, num_warps=warps, num_stages=stages))
+               for block_k, warps, stages in self.args.sweep_configs]
+    self._run_sweep("triton", at.block_sparse_attention_fwd, configs, shape, sets, table,
+                    ref, hr, mask_kind, density, extra)
 
   def run_mosaic_sweep(self, shape, sets, table, ref, hr, mask_kind, density, extra):
-    for stages, registers, heads_fastest in self.args.mosaic_sweep:
+    configs = [(f"stages{stages}_regs{registers}_hf{heads_fastest}",
+                mosaic_gpu.MosaicConfig(stages=stages, compute_registers=registers,
+                                        heads_fastest=bool(heads_fastest)))
+               for stages, registers, heads_fastest in self.args.mosaic_sweep]
+    self._run_sweep("mosaic_gpu", mosaic_gpu.block_sparse_attention_fwd, configs, shape, sets,
+                    table, ref, hr, mask_kind, density, extra)
+
+  def _run_sweep(self, backend, fwd, configs, shape, sets, table, ref, hr, mask_kind, density,
+                 extra):
+    """Times `fwd(q, k, v, table, config=...)` for each (label, config)."""
+    for label, cfg in configs:
       if self.out_of_time():
         return
-      cfg = mosaic_gpu.MosaicConfig(stages=stages, compute_registers=registers,
-                                    heads_fastest=bool(heads_fastest))
       def run(cfg=cfg):
-        fn = jax.jit(lambda q, k, v, t: mosaic_gpu.block_sparse_attention_fwd(
-            q, k, v, t, block_size=shape.block, config=cfg)[0])
+        fn = jax.jit(lambda q, k, v, t: fwd(q, k, v, t, block_size=shape.block, config=cfg)[0])
         ms, comp, out = time_jax(fn, [(*st, table) for st in sets], self.args.runs)
         return ms, rel_err(out[:, :, :hr], ref), {"compile_s": round(comp, 2)}
-      self.guarded(shape, "ours_mosaic_gpu", mask_kind, density, run,
-                   config=f"stages{stages}_regs{registers}_hf{heads_fastest}", sweep=True,
-                   **extra)
+      self.guarded(shape, f"ours_{backend}", mask_kind, density, run,
+                   config=label, sweep=True, **extra)
 
   def run_map(self, shape, sets, mask, table, mask_kind, density, dense_ms, extra):
     args = self.args

@@ -50,7 +50,7 @@ _BACKENDS = {
     "reference": ("attention_reference", "map_reference"),
 }
 IMPLEMENTATIONS = tuple(_BACKENDS)
-_PALLAS = ("mosaic_gpu", "triton", "tpu")               # backends with a head_dim restriction
+_PALLAS = ("mosaic_gpu", "triton", "tpu")  # backends with a head_dim restriction
 BLOCK_SIZES = (64, 128)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
