@@ -432,8 +432,10 @@ class Bench:
           def ours(impl=impl):
             # pk.block_sparse_attention is jitted (static config, global cache):
             # the table is an argument, so masks of one shape compile once.
+            # Dense mode is block_mask=None (what a dense step passes).
             fn = functools.partial(
-                pk.block_sparse_attention, block_mask=table, block_size=shape.block,
+                pk.block_sparse_attention, block_mask=None if density >= 1.0 else table,
+                block_size=shape.block,
                 implementation=impl, interpret=self.interpret)
             ms, comp, out = time_jax(fn, sets, args.runs)
             more = {"compile_s": round(comp, 2)}
@@ -527,6 +529,10 @@ class Bench:
                for stages, registers, heads_fastest in self.args.mosaic_sweep]
     self._run_sweep("mosaic_gpu", mosaic_gpu.block_sparse_attention_fwd, configs, shape, sets,
                     table, ref, hr, mask_kind, density, extra)
+    if density >= 1.0:   # the same configs through the static dense loop (table=None)
+      self._run_sweep("mosaic_gpu", mosaic_gpu.block_sparse_attention_fwd,
+                      [(label + "_static", cfg) for label, cfg in configs], shape, sets,
+                      None, ref, hr, mask_kind, density, extra)
 
   def _run_sweep(self, backend, fwd, configs, shape, sets, table, ref, hr, mask_kind, density,
                  extra):
@@ -571,7 +577,7 @@ class Bench:
 
     def given_lse():
       lse = pk_api._attention_module(impl).block_sparse_lse(
-          q0, k0, pk.dense_block_table((1, 1), shape.n) if dense else table,
+          q0, k0, None if dense else table,
           block_size=shape.block, sm_scale=1.0 / math.sqrt(shape.head_dim),
           interpret=self.interpret)
       mod = pk_api._map_module(impl)
@@ -582,6 +588,9 @@ class Bench:
       return ms, err_of(out), self._vs_dense(ms, dense_ms, comp)
     self.guarded(shape, "sparsity_map", mask_kind, density, given_lse,
                  variant="given_lse", **extra)
+    if impl != "xla" and shape.seq_len in args.sweep_seq_lens \
+        and extra["target_density"] in args.sweep_densities:
+      self.run_map_sweep(shape, q0, k0, map_table, mask_kind, density, dense_ms, extra)
 
     def with_lse():
       fn = lambda q, k, m: pk.sparsity_map(q, k, block_mask=m, **kw)
@@ -595,6 +604,25 @@ class Bench:
       ms, comp, out = time_jax(fn, sets, args.runs)
       return ms, err_of(out[1]), self._vs_dense(ms, dense_ms, comp)
     self.guarded(shape, "attention_with_map", mask_kind, density, with_map, **extra)
+
+  def run_map_sweep(self, shape, q0, k0, map_table, mask_kind, density, dense_ms, extra):
+    """Triton map-kernel launch configs (--map-sweep) on the same lse."""
+    from pallas_kernels import map_triton
+    scale = 1.0 / math.sqrt(shape.head_dim)
+    lse = pk_api._attention_module("triton").block_sparse_lse(
+        q0, k0, map_table, block_size=shape.block, sm_scale=scale, interpret=self.interpret)
+    for warps, stages in self.args.map_sweep:
+      if self.out_of_time():
+        return
+      cfg = map_triton.MapBlockConfig(num_warps=warps, num_stages=stages)
+      def run(cfg=cfg):
+        fn = jax.jit(lambda q, k, l, t: map_triton.sparsity_map_triton(
+            q, k, l, t, block_size=shape.block, threshold=self.args.threshold,
+            sm_scale=scale, interpret=self.interpret, config=cfg))
+        ms, comp, _ = time_jax(fn, [(q0, k0, lse, map_table)], self.args.runs)
+        return ms, None, self._vs_dense(ms, dense_ms, comp)
+      self.guarded(shape, "sparsity_map", mask_kind, density, run, variant="given_lse",
+                   config=f"w{warps}_s{stages}", sweep=True, **extra)
 
   @staticmethod
   def _vs_dense(ms, dense_ms, comp):
@@ -641,7 +669,8 @@ class Bench:
         vs_c = f"{c / best:>9.2f}x" if best and c else f"{'-':>10}"
         vs_f = f"{f / best:>8.2f}x" if best and f else f"{'-':>9}"
         print(f"{s:>6} {h:>3} {mask:>7} {dens:>6.3f} " + "".join(cells) + vs_c + vs_f)
-    maps = [r for r in self.rows if r["impl"] in ("sparsity_map", "attention_with_map")]
+    maps = [r for r in self.rows if r["impl"] in ("sparsity_map", "attention_with_map")
+            and not r.get("sweep")]
     if maps:
       print("\n=== sparsity map, time ms (ratio to one dense attention call) ===")
       for r in maps:
@@ -695,6 +724,8 @@ def parse_args(argv=None):
   p.add_argument("--mosaic-sweep", type=_tiling_list, default=(),
                  help="Mosaic GPU configs to sweep, 'stages,registers,heads_fastest;...' "
                       "(e.g. '2,232,1;2,224,0')")
+  p.add_argument("--map-sweep", type=_tiling_list, default=(),
+                 help="Triton map-kernel configs to sweep, 'warps,stages;...'")
   p.add_argument("--sweep-seq-lens", type=int, nargs="+", default=[16384, 32760])
   p.add_argument("--sweep-densities", type=float, nargs="+", default=[1.0, 0.25])
   p.add_argument("--max-minutes", type=float, default=45.0)

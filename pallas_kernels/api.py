@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_table import (BlockTable, block_mask_from_table, check_block_table,
-                                        compact_block_mask, dense_block_table)
+                                        compact_block_mask)
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -163,11 +163,6 @@ def _to_table(block_mask: MaskLike, batch: int, heads: int, n: int,
   return table
 
 
-def _dense_table(n):
-  """All-active table with broadcastable [1, 1] leading dims."""
-  return dense_block_table((1, 1), n)
-
-
 def _resolve(q, implementation, sm_scale, block_size):
   impl = implementation or default_implementation(q.dtype, q.shape[-1], block_size)
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
@@ -179,9 +174,9 @@ def _fwd(q, k, v, block_mask, *, block_size, sm_scale, implementation, interpret
   n = -(-s // block_size)
   impl, scale = _resolve(q, implementation, sm_scale, block_size)
   table = _to_table(block_mask, b, h, n, broadcast=False)
-  kernel_table = table if table is not None else _dense_table(n)
+  # None = dense: backends with a static all-blocks loop (mosaic_gpu) use it.
   out, lse = _attention_module(impl).block_sparse_attention_fwd(
-      q, k, v, kernel_table, block_size=block_size, sm_scale=scale,
+      q, k, v, table, block_size=block_size, sm_scale=scale,
       interpret=interpret)
   return out, lse, table, impl, scale
 
@@ -268,9 +263,8 @@ def sparsity_map(q: jax.Array, k: jax.Array, *, block_size: int = 128,
   n = -(-s // block_size)
   impl, scale = _resolve(q, implementation, sm_scale, block_size)
   table = _to_table(block_mask, b, h, n, broadcast=False)
-  kernel_table = table if table is not None else _dense_table(n)
   lse = _attention_module(impl).block_sparse_lse(
-      q, k, kernel_table, block_size=block_size, sm_scale=scale, interpret=interpret)
+      q, k, table, block_size=block_size, sm_scale=scale, interpret=interpret)
   if table is not None:
     table = table.broadcast_to((b, h))
   return _map(q, k, lse, table, impl=impl, block_size=block_size,

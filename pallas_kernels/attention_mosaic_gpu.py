@@ -105,7 +105,14 @@ def is_supported_device(device: Optional[jax.Device] = None) -> bool:
           and str(getattr(device, "compute_capability", "")) in ("9.0", "9.0a"))
 
 
-def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
+def _when(cond):
+  """pl.when that also takes a static Python bool (the dense path's bounds)."""
+  if isinstance(cond, bool):
+    return (lambda f: f()) if cond else (lambda f: None)
+  return pl.when(cond)
+
+
+def _kernel(table_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
             seq_len: int, num_blocks: int, stages: int, scale_log2: float,
             per_batch: bool, per_head: bool, compute_registers: int):
   (qo_smem2, k_smem, v_smem, lse_smem2), loaded, freed, schedule = scoped
@@ -118,16 +125,23 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
 
-  row = (bi if per_batch else 0, hi if per_head else 0, qi)
-  count = cnt_ref[row]
   tail_len = seq_len - (num_blocks - 1) * BLOCK_SIZE     # valid keys in block n-1
   has_tail = tail_len != BLOCK_SIZE
-  if has_tail:
-    last = idx_ref[(*row, jnp.maximum(count - 1, 0))]
-    tail_active = jnp.logical_and(count > 0, last == num_blocks - 1)
-    n_main = count - tail_active.astype(jnp.int32)
+  if table_refs is None:
+    # Dense: a static loop over every key block, no table reads (FA3's loop).
+    count = num_blocks
+    block_id = lambda t: t
+    n_main = count - int(has_tail)
   else:
+    idx_ref, cnt_ref = table_refs
+    row = (bi if per_batch else 0, hi if per_head else 0, qi)
+    count = cnt_ref[row]
+    block_id = lambda t: idx_ref[(*row, t)]
     n_main = count
+    if has_tail:
+      last = block_id(jnp.maximum(count - 1, 0))
+      tail_active = jnp.logical_and(count > 0, last == num_blocks - 1)
+      n_main = count - tail_active.astype(jnp.int32)
 
   def schedule_barrier():
     plgpu.barrier_arrive(schedule)
@@ -149,7 +163,7 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
     acc = plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32),
                             plgpu.Layout.WGMMA)
 
-    @pl.when(count > 0)
+    @_when(count > 0)
     def _():
       plgpu.barrier_wait(k_loaded.at[0])
 
@@ -225,8 +239,7 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
     plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
     def load(t, slot, wait: bool):
-      block = idx_ref[(*row, t)]
-      src = (bi, pl.ds(block * BLOCK_SIZE, BLOCK_SIZE), hi)
+      src = (bi, pl.ds(block_id(t) * BLOCK_SIZE, BLOCK_SIZE), hi)
       if wait:
         plgpu.barrier_wait(k_freed.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_loaded.at[slot])
@@ -235,19 +248,23 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
       plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_loaded.at[slot])
 
     for t in range(stages):
-      pl.when(t < count)(functools.partial(load, t, t, wait=False))
+      _when(t < count)(functools.partial(load, t, t, wait=False))
 
-    @pl.loop(stages, jnp.maximum(count, stages))
+    @pl.loop(stages, max(count, stages) if isinstance(count, int)
+             else jnp.maximum(count, stages))
     def _(t):
       load(t, lax.rem(t, jnp.array(stages, t.dtype)), wait=True)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config"))
 def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
+  """indices, counts: the table, or both None for dense attention."""
   b, s, h, d = q.shape
   n = -(-s // BLOCK_SIZE)
-  tb, th = indices.shape[:2]
-  if tb not in (1, b) or th not in (1, h) or counts.shape != indices.shape[:-1]:
+  dense = indices is None
+  tb, th = (1, 1) if dense else indices.shape[:2]
+  if tb not in (1, b) or th not in (1, h) or (
+      not dense and counts.shape != indices.shape[:-1]):
     raise ValueError(f"table of shape {indices.shape} does not broadcast to "
                      f"[{b}, {h}, {n}, w]")
   stages = config.stages
@@ -256,7 +273,9 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
       scale_log2=float(sm_scale) * _LOG2E, per_batch=tb > 1, per_head=th > 1,
       compute_registers=config.compute_registers)
 
-  def entry(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+  def entry(*refs):
+    table_refs = None if dense else refs[:2]
+    q_ref, k_ref, v_ref, out_ref, lse_ref = refs[-5:]
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
         plgpu.SMEM((_COMPUTE_WGS, _ROWS_PER_WG, d), q.dtype, transforms=tiles),
@@ -270,7 +289,7 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
     freed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
     schedule = plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
     pl.run_scoped(
-        lambda *scoped: kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, out_ref,
+        lambda *scoped: kernel(table_refs, q_ref, k_ref, v_ref, out_ref,
                                lse_ref, scoped),
         smem, loaded, freed, schedule, collective_axes="wg")
 
@@ -289,14 +308,16 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(indices, counts, q, k, v)
+  )(*(() if dense else (indices, counts)), q, k, v)
   return out[:, :s], lse[..., :s]
 
 
-def _check_table(table: BlockTable, n: int):
+def _check_table(table: Optional[BlockTable], n: int):
   # The kernel reads ids straight from the table: shapes must match and the
   # rows must be sorted and in range, as compact_block_mask builds them (the
   # public API canonicalises anything else before calling here).
+  if table is None:
+    return
   check_block_table(table, n, name="table")
   if table.indices.ndim != 4:
     raise ValueError(f"mosaic_gpu backend: table must be [batch, heads, n, w], got "
@@ -328,18 +349,22 @@ def _check(q, block_size, sm_scale, config, interpret):
   config.validate(d)
 
 
-def block_sparse_attention_fwd(q, k, v, table: BlockTable, *, block_size: int,
-                               sm_scale: Optional[float] = None,
+def block_sparse_attention_fwd(q, k, v, table: Optional[BlockTable], *,
+                               block_size: int, sm_scale: Optional[float] = None,
                                interpret: bool = False,
                                config: MosaicConfig = DEFAULT_CONFIG):
-  """Returns (out [B, S, H, D] in q.dtype, lse float32 [B, H, S])."""
+  """Returns (out [B, S, H, D] in q.dtype, lse float32 [B, H, S]).
+
+  table=None is dense attention through a static loop (no table reads).
+  """
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
   _check(q, block_size, scale, config, interpret)
   _check_table(table, -(-q.shape[1] // BLOCK_SIZE))
-  return _fwd(q, k, v, table.indices, table.counts, sm_scale=scale, config=config)
+  indices, counts = (None, None) if table is None else (table.indices, table.counts)
+  return _fwd(q, k, v, indices, counts, sm_scale=scale, config=config)
 
 
-def block_sparse_lse(q, k, table: BlockTable, *, block_size: int,
+def block_sparse_lse(q, k, table: Optional[BlockTable], *, block_size: int,
                      sm_scale: Optional[float] = None, interpret: bool = False):
   """Row log-sum-exp only, float32 [B, H, S]: the Triton kernel's QK-only pass."""
   return attention_triton.block_sparse_lse(q, k, table, block_size=block_size,

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import numpy as np
 
-from pallas_kernels.block_table import BlockTable
+from pallas_kernels.block_table import BlockTable, table_or_dense
 
 __all__ = ["TpuConfig", "block_sparse_attention_fwd", "block_sparse_lse"]
 
@@ -224,22 +224,24 @@ def _check(q):
     raise ValueError(f"tpu backend: head_dim must be one of {HEAD_DIMS}, got {d}")
 
 
-def block_sparse_attention_fwd(q, k, v, table: BlockTable, *, block_size: int,
+def block_sparse_attention_fwd(q, k, v, table: Optional[BlockTable], *, block_size: int,
                                sm_scale: Optional[float] = None,
                                interpret: bool = False,
                                config: TpuConfig = DEFAULT_CONFIG):
   """Returns (out [B, S, H, D] in q.dtype, lse float32 [B, H, S])."""
   _check(q)
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  table = table_or_dense(table, q.shape[1], block_size)
   return _fwd(q, k, v, table.indices, table.counts, block_size=block_size,
               sm_scale=scale, with_out=True, config=config, interpret=interpret)
 
 
-def block_sparse_lse(q, k, table: BlockTable, *, block_size: int,
+def block_sparse_lse(q, k, table: Optional[BlockTable], *, block_size: int,
                      sm_scale: Optional[float] = None, interpret: bool = False,
                      config: TpuConfig = DEFAULT_CONFIG):
   """Row log-sum-exp only (no V, no P @ V): float32 [B, H, S]."""
   _check(q)
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  table = table_or_dense(table, q.shape[1], block_size)
   return _fwd(q, k, None, table.indices, table.counts, block_size=block_size,
               sm_scale=scale, with_out=False, config=config, interpret=interpret)[1]

@@ -16,7 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_table import BlockTable
+from pallas_kernels.block_table import BlockTable, table_or_dense
 
 __all__ = ["block_sparse_attention_fwd", "block_sparse_lse"]
 
@@ -90,20 +90,22 @@ def _fwd(q, k, v, indices, counts, *, block_size, sm_scale, with_out):
   return out.astype(q.dtype), lse
 
 
-def block_sparse_attention_fwd(q, k, v, table: BlockTable, *, block_size: int,
+def block_sparse_attention_fwd(q, k, v, table: Optional[BlockTable], *, block_size: int,
                                sm_scale: Optional[float] = None,
                                interpret: bool = False):
   """Returns (out [B, S, H, D] in q.dtype, lse float32 [B, H, S])."""
   del interpret  # plain XLA
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  table = table_or_dense(table, q.shape[1], block_size)
   return _fwd(q, k, v, table.indices, table.counts, block_size=block_size,
               sm_scale=scale, with_out=True)
 
 
-def block_sparse_lse(q, k, table: BlockTable, *, block_size: int,
+def block_sparse_lse(q, k, table: Optional[BlockTable], *, block_size: int,
                      sm_scale: Optional[float] = None, interpret: bool = False):
   """Row log-sum-exp only (no P @ V): float32 [B, H, S]."""
   del interpret
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  table = table_or_dense(table, q.shape[1], block_size)
   return _fwd(q, k, k, table.indices, table.counts, block_size=block_size,
               sm_scale=scale, with_out=False)[1]

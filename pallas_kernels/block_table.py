@@ -32,6 +32,7 @@ __all__ = [
     "compact_block_mask",
     "block_mask_from_table",
     "dense_block_table",
+    "table_or_dense",
     "check_block_table",
 ]
 
@@ -159,6 +160,14 @@ def dense_block_table(shape: tuple[int, ...], n: int) -> BlockTable:
   indices = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (*shape, n, n))
   counts = jnp.full((*shape, n), n, jnp.int32)
   return BlockTable(indices=indices, counts=counts, canonical=True)
+
+
+def table_or_dense(table: Optional[BlockTable], seq_len: int,
+                   block_size: int) -> BlockTable:
+  """`table`, or for None (dense attention) the all-active [1, 1] table."""
+  if table is not None:
+    return table
+  return dense_block_table((1, 1), -(-seq_len // block_size))
 
 
 def check_block_table(table: BlockTable, n: Optional[int] = None,

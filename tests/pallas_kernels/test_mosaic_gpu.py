@@ -131,6 +131,21 @@ def test_deterministic_and_dense_matches_cudnn():
 
 
 @hopper
+@pytest.mark.parametrize("s", [100, 1000, 2048])
+def test_dense_static_loop_matches_dense_table(s):
+  """table=None (the static all-blocks loop) = the all-active table, bit for bit."""
+  q, k, v = _qkv(s, 2, s, 3, 128, jnp.bfloat16)
+  n = -(-s // 128)
+  static = mg.block_sparse_attention_fwd(q, k, v, None, block_size=128)
+  driven = mg.block_sparse_attention_fwd(q, k, v, pk.dense_block_table((1, 1), n),
+                                         block_size=128)
+  for a, b in zip(static, driven):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  ref = pk.block_sparse_attention_reference(q, k, v, None)
+  assert _rel_err(static[0], ref) < TOL[jnp.bfloat16]
+
+
+@hopper
 def test_with_map_and_sparsity_map_run():
   b, s, h, d = 1, 1000, 2, 128
   n = -(-s // 128)
@@ -147,6 +162,8 @@ def test_with_map_and_sparsity_map_run():
     (1024, 128, jnp.bfloat16, (1, 2)),
     (1000, 128, jnp.float16, (1, 1)),     # ragged tail: the masked last step
     (4100, 64, jnp.bfloat16, (2, 2)),
+    (1000, 128, jnp.bfloat16, None),      # dense: the static loop, with a tail
+    (1024, 64, jnp.float16, None),
 ])
 @pytest.mark.parametrize("heads_fastest", [False, True])
 def test_lowers_for_cuda(s, d, dtype, lead, heads_fastest):
@@ -154,7 +171,7 @@ def test_lowers_for_cuda(s, d, dtype, lead, heads_fastest):
   b, h = 2, 2
   n = -(-s // 128)
   q = jax.ShapeDtypeStruct((b, s, h, d), dtype)
-  table = compact_block_mask(_mask(0, *lead, n, 0.5))
+  table = None if lead is None else compact_block_mask(_mask(0, *lead, n, 0.5))
   config = mg.MosaicConfig(heads_fastest=heads_fastest)
   fn = lambda q, k, v, t: mg.block_sparse_attention_fwd(q, k, v, t, block_size=128,
                                                        config=config)
