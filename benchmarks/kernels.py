@@ -452,7 +452,7 @@ class Bench:
         if args.sweep and self.on_gpu and mask_kind == args.masks[0] and target in args.sweep_densities \
             and shape.seq_len in args.sweep_seq_lens:
           self.run_triton_sweep(shape, sets, table, ref, hr, mask_kind, density, extra)
-        if args.mosaic_sweep and "mosaic_gpu" in self.backends() and mask_kind == args.masks[0] \
+        if args.mosaic_sweep and "mosaic_gpu" in self.backends() \
             and target in args.sweep_densities and shape.seq_len in args.sweep_seq_lens:
           self.run_mosaic_sweep(shape, sets, table, ref, hr, mask_kind, density, extra)
 
@@ -523,16 +523,19 @@ class Bench:
                     ref, hr, mask_kind, density, extra)
 
   def run_mosaic_sweep(self, shape, sets, table, ref, hr, mask_kind, density, extra):
-    configs = [(f"stages{stages}_regs{registers}_hf{heads_fastest}",
+    configs = [(f"stages{stages}_regs{registers}_hf{heads_fastest}_k{per_cta}",
                 mosaic_gpu.MosaicConfig(stages=stages, compute_registers=registers,
-                                        heads_fastest=bool(heads_fastest)))
-               for stages, registers, heads_fastest in self.args.mosaic_sweep]
+                                        heads_fastest=bool(heads_fastest),
+                                        tiles_per_cta=per_cta))
+               for stages, registers, heads_fastest, per_cta in
+               (tuple(c) + (1,) * (4 - len(c)) for c in self.args.mosaic_sweep)]
+    if density >= 1.0:
+      # Dense mode (table=None, the static loop) is the same for every mask kind.
+      if mask_kind != self.args.masks[0]:
+        return
+      configs, table = [(label + "_static", cfg) for label, cfg in configs], None
     self._run_sweep("mosaic_gpu", mosaic_gpu.block_sparse_attention_fwd, configs, shape, sets,
                     table, ref, hr, mask_kind, density, extra)
-    if density >= 1.0:   # the same configs through the static dense loop (table=None)
-      self._run_sweep("mosaic_gpu", mosaic_gpu.block_sparse_attention_fwd,
-                      [(label + "_static", cfg) for label, cfg in configs], shape, sets,
-                      None, ref, hr, mask_kind, density, extra)
 
   def _run_sweep(self, backend, fwd, configs, shape, sets, table, ref, hr, mask_kind, density,
                  extra):
@@ -684,8 +687,8 @@ class Bench:
       print("\n=== tiling sweep, time ms ===")
       for r in sweep:
         t = "-" if r["time_ms"] is None else f"{r['time_ms']:.3f}"
-        print(f"{r['seq_len']:>6} {r['heads']:>3} {r['density']:>6.3f} {r['impl']:>16} "
-              f"{r['config']:>16} {t:>10}")
+        print(f"{r['seq_len']:>6} {r['heads']:>3} {r['mask']:>7} {r['density']:>6.3f} "
+              f"{r['impl']:>16} {r['config']:>30} {t:>10}")
 
 
 def _slug(s: str) -> str:
@@ -722,8 +725,9 @@ def parse_args(argv=None):
   p.add_argument("--sweep-configs", type=_tiling_list, default=TRITON_SWEEP,
                  help="Triton tilings to sweep, 'block_k,warps,stages;...'")
   p.add_argument("--mosaic-sweep", type=_tiling_list, default=(),
-                 help="Mosaic GPU configs to sweep, 'stages,registers,heads_fastest;...' "
-                      "(e.g. '2,232,1;2,224,0')")
+                 help="Mosaic GPU configs to sweep (every mask kind), "
+                      "'stages,registers,heads_fastest[,tiles_per_cta];...' "
+                      "(e.g. '2,232,1;2,232,0,2')")
   p.add_argument("--map-sweep", type=_tiling_list, default=(),
                  help="Triton map-kernel configs to sweep, 'warps,stages;...'")
   p.add_argument("--sweep-seq-lens", type=int, nargs="+", default=[16384, 32760])

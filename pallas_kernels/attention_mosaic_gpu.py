@@ -3,12 +3,14 @@
 The structure of FlashAttention-3 as jax's own `ops/gpu/attention_mgpu.py`
 writes it, with the key loop driven by the compacted block table:
 
-  * one CTA per (128-row query block i, head, batch element), three
-    warpgroups: two compute warpgroups own 64 query rows each, one memory
-    warpgroup feeds them;
-  * the memory warpgroup reads key-block ids from `indices[b, h, i, :]` and
-    streams those K and V tiles by TMA into a ring of `stages` shared-memory
-    slots, refilling a slot as soon as both compute warpgroups release it;
+  * a CTA runs `tiles_per_cta` consecutive tiles (128-row query block i,
+    head, batch element) with three warpgroups: two compute warpgroups own
+    64 query rows each, one memory warpgroup feeds them;
+  * the memory warpgroup loads each tile's Q into one of two slots, reads
+    key-block ids from `indices[b, h, i, :]` and streams those K and V tiles
+    by TMA into a ring of `stages` shared-memory slots, refilling a slot as
+    soon as both compute warpgroups release it; the ring runs on across
+    tiles, so the next tile's loads overlap the current tile's epilogue;
   * each compute warpgroup runs `counts[b, h, i]` steps of wgmma Q K^T, the
     online softmax in base 2 in registers (scale folded into one FMA), and
     wgmma P V with float32 accumulation; a schedule barrier alternates the two
@@ -16,9 +18,10 @@ writes it, with the key loop driven by the compacted block table:
 
 Inactive blocks are never loaded nor computed. Tails: TMA reads past the
 sequence end are zero-filled and writes past it dropped, so inputs are not
-padded (except to a multiple of 8 rows, TMA's tile); keys past S live only in block n-1, which (the table is sorted) is the
-last entry of its row and runs as one peeled step with a key mask. Empty rows
-give zeros and lse = -inf, as in the other backends.
+padded (except to a multiple of 8 rows, TMA's tile); keys past S live only
+in block n-1, which (the table is sorted) is the last entry of its row and runs as one peeled step with a key mask. Empty rows
+give zeros and lse = -inf, as in the other backends. Dense attention
+(table=None) runs a static loop over every key block, without table reads.
 
 Needs a Hopper GPU, 16-bit inputs, head_dim a multiple of 64 (64 or 128 here)
 and block_size 128. The lse-only pass (`block_sparse_lse`, used by the
@@ -66,18 +69,27 @@ class MosaicConfig:
       fits in the 227 KB of shared memory with head_dim 64).
     compute_registers: registers per thread given to the compute warpgroups
       (the memory warpgroup gets 40; at most 232 fit).
-    heads_fastest: launch order of the CTAs. False (default): query blocks
-      fastest, so the CTAs in flight share one head's K/V in L2. True: heads
-      fastest, as jax's FA3 kernel launches (a dense-mode comparison point).
+    heads_fastest: order of the (batch, head, query block) tiles. False:
+      query blocks fastest, so the tiles in flight share one head's K/V in
+      L2. True: heads fastest, as jax's FA3 kernel launches.
+    tiles_per_cta: tiles each CTA runs back to back (consecutive in that
+      order). With more than one, the memory warpgroup loads the next tile's
+      Q and first K/V blocks while the compute warpgroups finish the current
+      tile, hiding the per-tile start-up and epilogue that dominate short
+      rows (few active blocks); the hardware still balances whole CTAs.
   """
 
   stages: int = 2
   compute_registers: int = 232
   heads_fastest: bool = False
+  tiles_per_cta: int = 1
 
   def validate(self, head_dim: int) -> None:
     if self.stages not in (2, 3, 4):
       raise ValueError(f"MosaicConfig.stages must be 2, 3 or 4, got {self.stages}")
+    if not 1 <= self.tiles_per_cta <= 16:
+      raise ValueError(f"MosaicConfig.tiles_per_cta must be in [1, 16], got "
+                       f"{self.tiles_per_cta}")
     # setmaxnreg takes multiples of 8, and the three warpgroups must fit the
     # SM's 64K registers: asking for more hangs the kernel (seen on an H200).
     regs = self.compute_registers
@@ -86,11 +98,14 @@ class MosaicConfig:
           f"MosaicConfig.compute_registers must be a multiple of 8 in [24, "
           f"{_MAX_COMPUTE_REGISTERS}] (2 x 128 threads x it + 128 x "
           f"{_MEMORY_REGISTERS} <= 65536), got {regs}")
-    tiles = 2 * (_COMPUTE_WGS * _ROWS_PER_WG + 2 * self.stages * BLOCK_SIZE) * head_dim
+    q_slots = min(2, self.tiles_per_cta)
+    tiles = 2 * (q_slots * _COMPUTE_WGS * _ROWS_PER_WG
+                 + 2 * self.stages * BLOCK_SIZE) * head_dim
     # + lse staging, barriers and alignment: 2.7 KB measured (stages=3, D=128).
     if tiles + _SMEM_RESERVE > _SMEM_LIMIT:
       raise ValueError(
-          f"MosaicConfig.stages={self.stages} with head_dim={head_dim} needs "
+          f"MosaicConfig.stages={self.stages} with head_dim={head_dim} and "
+          f"tiles_per_cta={self.tiles_per_cta} needs "
           f"{(tiles + _SMEM_RESERVE) // 1024} KB of shared memory (> "
           f"{_SMEM_LIMIT // 1024} KB per block on sm_90); use fewer stages")
 
@@ -112,27 +127,36 @@ def _when(cond):
   return pl.when(cond)
 
 
+def _tile_coords(j, *, heads: int, num_blocks: int, heads_fastest: bool):
+  """Linear tile id -> (batch, head, query block) in the configured order."""
+  if heads_fastest:
+    return j // (heads * num_blocks), j % heads, (j // heads) % num_blocks
+  return j // (heads * num_blocks), (j // num_blocks) % heads, j % num_blocks
+
+
 def _kernel(table_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
-            seq_len: int, num_blocks: int, stages: int, scale_log2: float,
-            per_batch: bool, per_head: bool, compute_registers: int):
-  (qo_smem2, k_smem, v_smem, lse_smem2), loaded, freed, schedule = scoped
+            seq_len: int, num_blocks: int, heads: int, num_tiles: int,
+            tiles_per_cta: int, q_slots: int, stages: int, scale_log2: float,
+            per_batch: bool, per_head: bool, heads_fastest: bool,
+            compute_registers: int):
+  (qo_smem3, k_smem, v_smem, lse_smem3), loaded, freed, schedule = scoped
   k_loaded, v_loaded, q_loaded = loaded
-  k_freed, v_freed = freed
-  qi = lax.axis_index("q_blocks")
-  hi = lax.axis_index("heads")
-  bi = lax.axis_index("batch")
+  k_freed, v_freed, q_freed = freed
   wg = lax.axis_index("wg")
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
-
+  first_tile = lax.axis_index("ctas") * tiles_per_cta
+  my_tiles = jnp.minimum(tiles_per_cta, num_tiles - first_tile)
   tail_len = seq_len - (num_blocks - 1) * BLOCK_SIZE     # valid keys in block n-1
   has_tail = tail_len != BLOCK_SIZE
-  if table_refs is None:
-    # Dense: a static loop over every key block, no table reads (FA3's loop).
-    count = num_blocks
-    block_id = lambda t: t
-    n_main = count - int(has_tail)
-  else:
+
+  def tile_info(u):
+    """Coordinates, step count and key-block lookup of this CTA's tile u."""
+    bi, hi, qi = _tile_coords(first_tile + u, heads=heads, num_blocks=num_blocks,
+                              heads_fastest=heads_fastest)
+    if table_refs is None:
+      # Dense: a static loop over every key block, no table reads (FA3's loop).
+      return bi, hi, qi, num_blocks, (lambda t: t), num_blocks - int(has_tail)
     idx_ref, cnt_ref = table_refs
     row = (bi if per_batch else 0, hi if per_head else 0, qi)
     count = cnt_ref[row]
@@ -142,6 +166,10 @@ def _kernel(table_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
       last = block_id(jnp.maximum(count - 1, 0))
       tail_active = jnp.logical_and(count > 0, last == num_blocks - 1)
       n_main = count - tail_active.astype(jnp.int32)
+    return bi, hi, qi, count, block_id, n_main
+
+  def ring_slot(g):
+    return lax.rem(g, jnp.array(stages, g.dtype))
 
   def schedule_barrier():
     plgpu.barrier_arrive(schedule)
@@ -150,110 +178,135 @@ def _kernel(table_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
   @pl.when(wg < _COMPUTE_WGS)
   def _compute():
     plgpu.set_max_registers(compute_registers, action="increase")
-    qo_smem = qo_smem2.at[wg]
-    lse_smem = lse_smem2.at[wg]
-    q_base = qi * BLOCK_SIZE + wg * _ROWS_PER_WG
-    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, _ROWS_PER_WG), hi],
-                            qo_smem, q_loaded.at[wg])
-    plgpu.barrier_wait(q_loaded.at[wg])
-
     rows = plgpu.Layout.WGMMA.reduce(1)
-    m_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), rows)
-    l_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), rows)
-    acc = plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32),
-                            plgpu.Layout.WGMMA)
 
-    @_when(count > 0)
-    def _():
-      plgpu.barrier_wait(k_loaded.at[0])
+    def tile(u, g0):
+      # g0: K/V steps this CTA has consumed before this tile (ring position).
+      bi, hi, qi, count, _, n_main = tile_info(u)
+      qslot = lax.rem(u, jnp.int32(q_slots))
+      qo_smem = qo_smem3.at[qslot, wg]
+      lse_smem = lse_smem3.at[qslot, wg]
+      q_base = qi * BLOCK_SIZE + wg * _ROWS_PER_WG
+      plgpu.barrier_wait(q_loaded.at[qslot * _COMPUTE_WGS + wg])
+      m_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), rows)
+      l_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), rows)
+      acc = plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32),
+                              plgpu.Layout.WGMMA)
 
-    pl.when(wg == 1)(schedule_barrier)
+      @_when(count > 0)
+      def _():
+        plgpu.barrier_wait(k_loaded.at[ring_slot(g0)])
 
-    def step(t, carry, masked: bool):
+      pl.when(wg == 1)(schedule_barrier)
+
+      def step(t, carry, masked: bool):
+        acc, m_i, l_i = carry
+        slot = ring_slot(g0 + t)
+
+        def qk_scope(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+          schedule_barrier()
+          return acc_ref[...]
+
+        qk = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS_PER_WG, BLOCK_SIZE), jnp.float32))
+        plgpu.barrier_arrive(k_freed.at[slot])
+        if masked:
+          key = plgpu.broadcasted_iota(jnp.int32, (_ROWS_PER_WG, BLOCK_SIZE), 1,
+                                       layout=plgpu.Layout.WGMMA)
+          qk = jnp.where(key < tail_len, qk, -jnp.inf)
+
+        # m is kept in scaled base-2 units: p = exp2(qk * c - m) is one FMA.
+        m_new = jnp.maximum(m_i, qk.max(axis=1) * scale_log2)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(qk * scale_log2 - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i *= alpha
+        p16 = p.astype(dtype)
+        if head_dim <= 128:
+          # The order jax's FA3 found fastest: row sums before the barriers.
+          l_i += p.sum(axis=1)
+          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(schedule)          # softmax done
+        plgpu.barrier_wait(v_loaded.at[slot])
+        plgpu.barrier_wait(schedule)            # tensor cores free
+        if head_dim > 128:
+          l_i += p.sum(axis=1)
+
+        def wait_next_k():
+          nxt = t + 1
+
+          @pl.when(nxt < count)
+          def _():
+            plgpu.barrier_wait(k_loaded.at[ring_slot(g0 + nxt)])
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          wait_next_k()
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_freed.at[slot])
+        return acc, m_new, l_i
+
+      carry = lax.fori_loop(0, n_main, functools.partial(step, masked=False),
+                            (acc, m_i, l_i))
+      if has_tail:
+        carry = lax.fori_loop(n_main, count, functools.partial(step, masked=True),
+                              carry)
+      pl.when(wg == 0)(schedule_barrier)
       acc, m_i, l_i = carry
-      slot = lax.rem(t, jnp.array(stages, t.dtype))
 
-      def qk_scope(acc_ref):
-        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-        schedule_barrier()
-        return acc_ref[...]
+      l_safe = jnp.where(l_i == 0.0, 1.0, l_i)       # empty row: zeros, lse -inf
+      acc /= lax.broadcast_in_dim(l_safe, acc.shape, [0])
+      qo_smem[...] = acc.astype(dtype)              # Q is no longer needed
+      lse_smem[...] = m_i * _LN2 + jnp.log(l_safe)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(q_base, _ROWS_PER_WG), hi])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q_base, _ROWS_PER_WG)])
+      # Once the stores have read the slot, the memory warpgroup may refill it
+      # with a later tile's Q (which it loads while this epilogue runs).
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.barrier_arrive(q_freed.at[qslot])
+      return g0 + count
 
-      qk = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS_PER_WG, BLOCK_SIZE), jnp.float32))
-      plgpu.barrier_arrive(k_freed.at[slot])
-      if masked:
-        key = plgpu.broadcasted_iota(jnp.int32, (_ROWS_PER_WG, BLOCK_SIZE), 1,
-                                     layout=plgpu.Layout.WGMMA)
-        qk = jnp.where(key < tail_len, qk, -jnp.inf)
-
-      # m is kept in scaled base-2 units: p = exp2(qk * c - m) is one FMA.
-      m_new = jnp.maximum(m_i, qk.max(axis=1) * scale_log2)
-      alpha = jnp.exp2(m_i - m_new)
-      p = jnp.exp2(qk * scale_log2 - lax.broadcast_in_dim(m_new, qk.shape, [0]))
-      acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-      l_i *= alpha
-      p16 = p.astype(dtype)
-      if head_dim <= 128:
-        # The order jax's FA3 found fastest: row sums before the barriers.
-        l_i += p.sum(axis=1)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-      plgpu.barrier_arrive(schedule)          # softmax done
-      plgpu.barrier_wait(v_loaded.at[slot])
-      plgpu.barrier_wait(schedule)            # tensor cores free
-      if head_dim > 128:
-        l_i += p.sum(axis=1)
-
-      def wait_next_k():
-        nxt = t + 1
-
-        @pl.when(nxt < count)
-        def _():
-          plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.array(stages, t.dtype))])
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-        wait_next_k()
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_freed.at[slot])
-      return acc, m_new, l_i
-
-    carry = lax.fori_loop(0, n_main, functools.partial(step, masked=False),
-                          (acc, m_i, l_i))
-    if has_tail:
-      carry = lax.fori_loop(n_main, count, functools.partial(step, masked=True),
-                            carry)
-    pl.when(wg == 0)(schedule_barrier)
-    acc, m_i, l_i = carry
-
-    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)       # empty row: zeros, lse -inf
-    acc /= lax.broadcast_in_dim(l_safe, acc.shape, [0])
-    qo_smem[...] = acc.astype(dtype)
-    lse_smem[...] = m_i * _LN2 + jnp.log(l_safe)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(q_base, _ROWS_PER_WG), hi])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q_base, _ROWS_PER_WG)])
+    lax.fori_loop(0, my_tiles, tile, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE_WGS)
   def _memory():
     plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
-    def load(t, slot, wait: bool):
-      src = (bi, pl.ds(block_id(t) * BLOCK_SIZE, BLOCK_SIZE), hi)
-      if wait:
-        plgpu.barrier_wait(k_freed.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_loaded.at[slot])
-      if wait:
-        plgpu.barrier_wait(v_freed.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_loaded.at[slot])
+    def tile(u, g0):
+      bi, hi, qi, count, block_id, _ = tile_info(u)
+      qslot = lax.rem(u, jnp.int32(q_slots))
 
-    for t in range(stages):
-      _when(t < count)(functools.partial(load, t, t, wait=False))
+      @pl.when(u >= q_slots)
+      def _():
+        plgpu.barrier_wait(q_freed.at[qslot])
 
-    @pl.loop(stages, max(count, stages) if isinstance(count, int)
-             else jnp.maximum(count, stages))
-    def _(t):
-      load(t, lax.rem(t, jnp.array(stages, t.dtype)), wait=True)
+      for w in range(_COMPUTE_WGS):
+        rows = pl.ds(qi * BLOCK_SIZE + w * _ROWS_PER_WG, _ROWS_PER_WG)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], qo_smem3.at[qslot, w],
+                                q_loaded.at[qslot * _COMPUTE_WGS + w])
+
+      @pl.loop(0, count)
+      def _(t):
+        g = g0 + t
+        slot = ring_slot(g)
+        src = (bi, pl.ds(block_id(t) * BLOCK_SIZE, BLOCK_SIZE), hi)
+        refill = g >= stages            # the slot held step g - stages
+
+        @pl.when(refill)
+        def _():
+          plgpu.barrier_wait(k_freed.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_loaded.at[slot])
+
+        @pl.when(refill)
+        def _():
+          plgpu.barrier_wait(v_freed.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_loaded.at[slot])
+      return g0 + count
+
+    lax.fori_loop(0, my_tiles, tile, jnp.int32(0))
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config"))
@@ -268,25 +321,31 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
     raise ValueError(f"table of shape {indices.shape} does not broadcast to "
                      f"[{b}, {h}, {n}, w]")
   stages = config.stages
+  num_tiles = b * h * n
+  per_cta = config.tiles_per_cta
+  q_slots = min(2, per_cta)
   kernel = functools.partial(
-      _kernel, seq_len=s, num_blocks=n, stages=stages,
+      _kernel, seq_len=s, num_blocks=n, heads=h, num_tiles=num_tiles,
+      tiles_per_cta=per_cta, q_slots=q_slots, stages=stages,
       scale_log2=float(sm_scale) * _LOG2E, per_batch=tb > 1, per_head=th > 1,
-      compute_registers=config.compute_registers)
+      heads_fastest=config.heads_fastest, compute_registers=config.compute_registers)
 
   def entry(*refs):
     table_refs = None if dense else refs[:2]
     q_ref, k_ref, v_ref, out_ref, lse_ref = refs[-5:]
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
-        plgpu.SMEM((_COMPUTE_WGS, _ROWS_PER_WG, d), q.dtype, transforms=tiles),
+        plgpu.SMEM((q_slots, _COMPUTE_WGS, _ROWS_PER_WG, d), q.dtype, transforms=tiles),
         plgpu.SMEM((stages, BLOCK_SIZE, d), q.dtype, transforms=tiles),
         plgpu.SMEM((stages, BLOCK_SIZE, d), q.dtype, transforms=tiles),
-        plgpu.SMEM((_COMPUTE_WGS, _ROWS_PER_WG), jnp.float32),
+        plgpu.SMEM((q_slots, _COMPUTE_WGS, _ROWS_PER_WG), jnp.float32),
     )
     loaded = (plgpu.Barrier(num_barriers=stages),
               plgpu.Barrier(num_barriers=stages),
-              plgpu.Barrier(num_barriers=_COMPUTE_WGS))
-    freed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
+              plgpu.Barrier(num_barriers=q_slots * _COMPUTE_WGS))
+    freed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=q_slots))
     schedule = plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
     pl.run_scoped(
         lambda *scoped: kernel(table_refs, q_ref, k_ref, v_ref, out_ref,
@@ -302,9 +361,8 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
       entry,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((b, h, n * BLOCK_SIZE), jnp.float32)),
-      grid=(h, n, b) if config.heads_fastest else (n, h, b),
-      grid_names=(("heads", "q_blocks", "batch") if config.heads_fastest
-                  else ("q_blocks", "heads", "batch")),
+      grid=(-(-num_tiles // per_cta),),
+      grid_names=("ctas",),
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
