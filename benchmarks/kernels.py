@@ -523,12 +523,12 @@ class Bench:
                     ref, hr, mask_kind, density, extra)
 
   def run_mosaic_sweep(self, shape, sets, table, ref, hr, mask_kind, density, extra):
-    configs = [(f"stages{stages}_regs{registers}_hf{heads_fastest}_k{per_cta}",
+    configs = [(f"stages{stages}_regs{registers}_hf{heads_fastest}_k{per_cta}_lpt{lpt}",
                 mosaic_gpu.MosaicConfig(stages=stages, compute_registers=registers,
                                         heads_fastest=bool(heads_fastest),
-                                        tiles_per_cta=per_cta))
-               for stages, registers, heads_fastest, per_cta in
-               (tuple(c) + (1,) * (4 - len(c)) for c in self.args.mosaic_sweep)]
+                                        tiles_per_cta=per_cta, longest_first=bool(lpt)))
+               for stages, registers, heads_fastest, per_cta, lpt in
+               (tuple(c) + (1, 0)[len(c) - 3:] for c in self.args.mosaic_sweep)]
     if density >= 1.0:
       # Dense mode (table=None, the static loop) is the same for every mask kind.
       if mask_kind != self.args.masks[0]:
@@ -726,8 +726,8 @@ def parse_args(argv=None):
                  help="Triton tilings to sweep, 'block_k,warps,stages;...'")
   p.add_argument("--mosaic-sweep", type=_tiling_list, default=(),
                  help="Mosaic GPU configs to sweep (every mask kind), "
-                      "'stages,registers,heads_fastest[,tiles_per_cta];...' "
-                      "(e.g. '2,232,1;2,232,0,2')")
+                      "'stages,registers,heads_fastest[,tiles_per_cta[,longest_first]];...' "
+                      "(e.g. '2,232,1;2,232,0,2;2,232,0,1,1')")
   p.add_argument("--map-sweep", type=_tiling_list, default=(),
                  help="Triton map-kernel configs to sweep, 'warps,stages;...'")
   p.add_argument("--sweep-seq-lens", type=int, nargs="+", default=[16384, 32760])

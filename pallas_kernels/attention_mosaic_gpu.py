@@ -77,12 +77,17 @@ class MosaicConfig:
       Q and first K/V blocks while the compute warpgroups finish the current
       tile, hiding the per-tile start-up and epilogue that dominate short
       rows (few active blocks); the hardware still balances whole CTAs.
+    longest_first: within each (batch, head) run the query blocks in
+      descending order of their active-block count (an argsort of the counts
+      per call), so the shortest rows fill the last wave (LPT scheduling)
+      while the tiles in flight still share one head's K/V.
   """
 
   stages: int = 2
   compute_registers: int = 232
   heads_fastest: bool = False
   tiles_per_cta: int = 1
+  longest_first: bool = False
 
   def validate(self, head_dim: int) -> None:
     if self.stages not in (2, 3, 4):
@@ -157,8 +162,11 @@ def _kernel(table_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *,
     if table_refs is None:
       # Dense: a static loop over every key block, no table reads (FA3's loop).
       return bi, hi, qi, num_blocks, (lambda t: t), num_blocks - int(has_tail)
-    idx_ref, cnt_ref = table_refs
-    row = (bi if per_batch else 0, hi if per_head else 0, qi)
+    idx_ref, cnt_ref, order_ref = table_refs
+    lead = (bi if per_batch else 0, hi if per_head else 0)
+    if order_ref is not None:
+      qi = order_ref[(*lead, qi)]        # the qi-th longest row of this head
+    row = (*lead, qi)
     count = cnt_ref[row]
     block_id = lambda t: idx_ref[(*row, t)]
     n_main = count
@@ -324,6 +332,10 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
   num_tiles = b * h * n
   per_cta = config.tiles_per_cta
   q_slots = min(2, per_cta)
+  order = None
+  if not dense and config.longest_first:
+    order = jnp.argsort(-counts, axis=-1, stable=True).astype(jnp.int32)
+  table_args = () if dense else (indices, counts) + (() if order is None else (order,))
   kernel = functools.partial(
       _kernel, seq_len=s, num_blocks=n, heads=h, num_tiles=num_tiles,
       tiles_per_cta=per_cta, q_slots=q_slots, stages=stages,
@@ -331,7 +343,7 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
       heads_fastest=config.heads_fastest, compute_registers=config.compute_registers)
 
   def entry(*refs):
-    table_refs = None if dense else refs[:2]
+    table_refs = None if dense else (*refs[:2], refs[2] if order is not None else None)
     q_ref, k_ref, v_ref, out_ref, lse_ref = refs[-5:]
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
@@ -366,7 +378,7 @@ def _fwd(q, k, v, indices, counts, *, sm_scale: float, config: MosaicConfig):
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(*(() if dense else (indices, counts)), q, k, v)
+  )(*table_args, q, k, v)
   return out[:, :s], lse[..., :s]
 
 

@@ -110,16 +110,21 @@ def test_other_configs_match_reference(config):
 
 
 @hopper
-@pytest.mark.parametrize("tiles_per_cta,heads_fastest", [(2, False), (3, True), (4, False)])
+@pytest.mark.parametrize("tiles_per_cta,heads_fastest,longest_first", [
+    (2, False, False), (3, True, False), (4, False, False), (1, False, True),
+    (2, True, True)])
 @pytest.mark.parametrize("dense", [False, True])
-def test_several_tiles_per_cta_match_reference(tiles_per_cta, heads_fastest, dense):
-  """CTAs that run several tiles (the last one fewer: 2 * 3 * 9 = 54 tiles)."""
+def test_other_tile_orders_match_reference(tiles_per_cta, heads_fastest, longest_first,
+                                           dense):
+  """Several tiles per CTA (the last CTA fewer: 2 * 3 * 9 = 54 tiles), launch
+  orders, longest rows first."""
   b, s, h, d = 2, 1100, 3, 128
   n = -(-s // 128)
   q, k, v = _qkv(tiles_per_cta, b, s, h, d, jnp.bfloat16)
   mask = None if dense else _mask(tiles_per_cta, b, h, n, 0.3, (0, 4, 8))
   table = None if dense else compact_block_mask(mask)
-  cfg = mg.MosaicConfig(tiles_per_cta=tiles_per_cta, heads_fastest=heads_fastest)
+  cfg = mg.MosaicConfig(tiles_per_cta=tiles_per_cta, heads_fastest=heads_fastest,
+                        longest_first=longest_first)
   out, lse = mg.block_sparse_attention_fwd(q, k, v, table, block_size=128, config=cfg)
   one_out, one_lse = mg.block_sparse_attention_fwd(q, k, v, table, block_size=128)
   ref = pk.block_sparse_attention_reference(q, k, v, mask)
@@ -185,14 +190,15 @@ def test_with_map_and_sparsity_map_run():
     (1000, 128, jnp.bfloat16, None),      # dense: the static loop, with a tail
     (1024, 64, jnp.float16, None),
 ])
-@pytest.mark.parametrize("heads_fastest,tiles_per_cta", [(False, 1), (True, 1), (False, 3)])
-def test_lowers_for_cuda(s, d, dtype, lead, heads_fastest, tiles_per_cta):
+@pytest.mark.parametrize("config", [
+    mg.MosaicConfig(), mg.MosaicConfig(heads_fastest=True), mg.MosaicConfig(tiles_per_cta=3),
+    mg.MosaicConfig(longest_first=True)], ids=["default", "heads_fastest", "k3", "lpt"])
+def test_lowers_for_cuda(s, d, dtype, lead, config):
   """The full Pallas -> Mosaic GPU lowering runs (no GPU needed)."""
   b, h = 2, 2
   n = -(-s // 128)
   q = jax.ShapeDtypeStruct((b, s, h, d), dtype)
   table = None if lead is None else compact_block_mask(_mask(0, *lead, n, 0.5))
-  config = mg.MosaicConfig(heads_fastest=heads_fastest, tiles_per_cta=tiles_per_cta)
   fn = lambda q, k, v, t: mg.block_sparse_attention_fwd(q, k, v, t, block_size=128,
                                                        config=config)
   text = lower(fn, "cuda", q, q, q, table)
