@@ -192,7 +192,7 @@ def test_with_map_and_sparsity_map_run():
 ])
 @pytest.mark.parametrize("config", [
     mg.MosaicConfig(), mg.MosaicConfig(heads_fastest=True), mg.MosaicConfig(tiles_per_cta=3),
-    mg.MosaicConfig(longest_first=True)], ids=["default", "heads_fastest", "k3", "lpt"])
+    mg.MosaicConfig(longest_first=False)], ids=["default", "heads_fastest", "k3", "natural_order"])
 def test_lowers_for_cuda(s, d, dtype, lead, config):
   """The full Pallas -> Mosaic GPU lowering runs (no GPU needed)."""
   b, h = 2, 2
