@@ -19,9 +19,10 @@ writes it, with the key loop driven by the compacted block table:
 Inactive blocks are never loaded nor computed. Tails: TMA reads past the
 sequence end are zero-filled and writes past it dropped, so inputs are not
 padded (except to a multiple of 8 rows, TMA's tile); keys past S live only
-in block n-1, which (the table is sorted) is the last entry of its row and runs as one peeled step with a key mask. Empty rows
-give zeros and lse = -inf, as in the other backends. Dense attention
-(table=None) runs a static loop over every key block, without table reads.
+in block n-1, which (the table is sorted) is the last entry of its row and
+runs as one peeled step with a key mask. Empty rows give zeros and
+lse = -inf, as in the other backends. Dense attention (table=None) runs a
+static loop over every key block, without table reads.
 
 Needs a Hopper GPU, 16-bit inputs, head_dim a multiple of 64 (64 or 128 here)
 and block_size 128. The lse-only pass (`block_sparse_lse`, used by the
@@ -75,8 +76,10 @@ class MosaicConfig:
     tiles_per_cta: tiles each CTA runs back to back (consecutive in that
       order). With more than one, the memory warpgroup loads the next tile's
       Q and first K/V blocks while the compute warpgroups finish the current
-      tile, hiding the per-tile start-up and epilogue that dominate short
-      rows (few active blocks); the hardware still balances whole CTAs.
+      tile, hiding the per-tile start-up that weighs on short rows (few
+      active blocks); the hardware still balances whole CTAs. Measured no
+      gain (with longest_first a CTA's tiles are a head's k longest rows,
+      which works against the balancing).
     longest_first: within each (batch, head) run the query blocks in
       descending order of their active-block count (an argsort of the counts
       per call), so the shortest rows fill the last wave (LPT scheduling)
