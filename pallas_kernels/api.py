@@ -14,9 +14,10 @@ Backends live one per module and are picked by `implementation=`:
 
 Each attention module provides `block_sparse_attention_fwd(q, k, v, table, *,
 block_size, sm_scale, interpret) -> (out, lse)` and `block_sparse_lse(q, k,
-table, ...) -> lse`; each map module provides `sparsity_map_from_lse(q, k, lse,
-table, *, block_size, threshold, sm_scale, interpret)`. A new backend is one
-line in `_BACKENDS`.
+table, ...) -> lse`, where table=None means dense (`table_or_dense` builds the
+all-active table for backends without a dedicated dense loop); each map module
+provides `sparsity_map_from_lse(q, k, lse, table, *, block_size, threshold,
+sm_scale, interpret)`. A new backend is one line in `_BACKENDS`.
 """
 
 from __future__ import annotations
