@@ -614,10 +614,12 @@ class Bench:
     scale = 1.0 / math.sqrt(shape.head_dim)
     lse = pk_api._attention_module("triton").block_sparse_lse(
         q0, k0, map_table, block_size=shape.block, sm_scale=scale, interpret=self.interpret)
-    for warps, stages in self.args.map_sweep:
+    for warps, stages, *dense in self.args.map_sweep:
       if self.out_of_time():
         return
-      cfg = map_triton.MapBlockConfig(num_warps=warps, num_stages=stages)
+      splits, group = (list(dense) + [None, 16])[:2]
+      cfg = map_triton.MapBlockConfig(num_warps=warps, num_stages=stages, key_splits=splits,
+                                      count_group=group)
       def run(cfg=cfg):
         fn = jax.jit(lambda q, k, l, t: map_triton.sparsity_map_triton(
             q, k, l, t, block_size=shape.block, threshold=self.args.threshold,
@@ -625,7 +627,7 @@ class Bench:
         ms, comp, _ = time_jax(fn, [(q0, k0, lse, map_table)], self.args.runs)
         return ms, None, self._vs_dense(ms, dense_ms, comp)
       self.guarded(shape, "sparsity_map", mask_kind, density, run, variant="given_lse",
-                   config=f"w{warps}_s{stages}", sweep=True, **extra)
+                   config=f"w{warps}_s{stages}_k{splits}_g{group}", sweep=True, **extra)
 
   @staticmethod
   def _vs_dense(ms, dense_ms, comp):
@@ -729,7 +731,8 @@ def parse_args(argv=None):
                       "'stages,registers,heads_fastest[,tiles_per_cta[,longest_first]];...' "
                       "(e.g. '2,232,1;2,232,0,2;2,232,0,1,1')")
   p.add_argument("--map-sweep", type=_tiling_list, default=(),
-                 help="Triton map-kernel configs to sweep, 'warps,stages;...'")
+                 help="Triton map-kernel configs to sweep, "
+                      "'warps,stages[,key_splits[,count_group]];...' (the last two: dense map)")
   p.add_argument("--sweep-seq-lens", type=int, nargs="+", default=[16384, 32760])
   p.add_argument("--sweep-densities", type=float, nargs="+", default=[1.0, 0.25])
   p.add_argument("--max-minutes", type=float, default=45.0)

@@ -6,14 +6,20 @@ without any PV and without exp:
 
     p[r, c] < threshold  <=>  q_r . k_c < (lse_r + log(threshold)) / sm_scale.
 
-One program per (query block i, batch b, head h) loads its q tile once, loops
-over the row's key blocks (all n for the dense map, table entries < counts for
-the sparse one), computes the [bq, bk] score tile in float32 on the tensor
-cores, compares it with the per-row bound, and reduces it to one count per key
-block. The counts are gathered in a register row vector of n_pad =
-next_power_of_2(n) floats by one-hot selects (n_pad / (32 * num_warps) values
-per thread, e.g. 4 at n = 540, 8 warps) and the whole output row is written
-once at the end; blocks not visited stay NaN.
+Each program loads one q tile (query block i of one batch, head), computes the
+[bq, bk] score tiles of its key blocks in float32 on the tensor cores, compares
+them with the per-row bound and reduces each to one count per key block.
+
+Dense map (table=None): the row's n key blocks are split over `key_splits`
+programs (more programs when B*H*n is small, so the last wave is full). Each
+tile is reduced only along its columns (inside a warp); the per-row counts of
+`count_group` consecutive tiles are kept in a [bq, count_group] register tile
+and reduced across rows (across warps, through shared memory) once per group,
+whose counts are then stored. Sparse map (a block table): one program per row
+loops over the table entries < counts, reduces each tile to a scalar and
+gathers the counts in a register row vector of n_pad = next_power_of_2(n)
+floats by one-hot selects; the whole output row is written once at the end and
+blocks not visited stay NaN.
 
 Padded queries (rows past seq_len) get a bound of -inf; padded keys (only in the
 last key block, and only when seq_len % block_size != 0) are masked out per
@@ -46,76 +52,140 @@ class MapBlockConfig:
     num_warps: warps per program; None = 8 for block_size >= 128, else 4.
     num_stages: software-pipelining stages of the K-tile loop; None = 2 for
       block_size >= 128 and head_dim >= 128, else 3.
+    key_splits: dense map only: programs per query-block row, each taking a
+      contiguous 1/key_splits of the key blocks (a power of 2); None = the
+      smallest that gives at least MIN_PROGRAMS programs, at most n_pad / 8.
+    count_group: dense map only: key blocks whose per-row counts are held in
+      registers before one cross-warp reduction (a power of 2 >= 2).
   """
 
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
+  key_splits: Optional[int] = None
+  count_group: int = 16
 
   def __post_init__(self):
     if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps}")
     if self.num_stages is not None and not 1 <= self.num_stages <= 8:
       raise ValueError(f"num_stages must be in [1, 8], got {self.num_stages}")
+    if self.key_splits is not None and not _is_pow2(self.key_splits):
+      raise ValueError(f"key_splits must be a power of 2, got {self.key_splits}")
+    if not (_is_pow2(self.count_group) and self.count_group >= 2):
+      raise ValueError(f"count_group must be a power of 2 >= 2, got {self.count_group}")
 
   def resolve(self, block_size: int, head_dim: int) -> tuple[int, int]:
     warps = self.num_warps or (8 if block_size >= 128 else 4)
     stages = self.num_stages or (2 if block_size >= 128 and head_dim >= 128 else 3)
     return warps, stages
 
+  def resolve_dense(self, rows: int, n_pad: int) -> tuple[int, int]:
+    """(key_splits, count_group) for `rows` = B * H * n query-block rows."""
+    splits = self.key_splits
+    if splits is None:
+      splits = 1
+      while rows * splits < MIN_PROGRAMS and n_pad // (2 * splits) >= 8:
+        splits *= 2
+    if splits > n_pad // 2:
+      raise ValueError(f"key_splits={splits} must be at most n_pad / 2 = {n_pad // 2} "
+                       f"(n_pad = next power of 2 >= max(16, number of key blocks))")
+    return splits, min(self.count_group, n_pad // splits)
+
+
+# Dense map: split key ranges until the grid has this many programs (about six
+# per SM on a 132-SM H100/H200 at two resident programs per SM).
+MIN_PROGRAMS = 768
+
 
 def _is_pow2(x: int) -> bool:
   return x > 0 and (x & (x - 1)) == 0
 
 
-def _map_kernel(q_ref, k_ref, lse_ref, *refs, block_size: int, seq_len: int,
-                num_blocks: int, log_threshold: float, inv_scale: float,
-                sparse: bool):
-  """One output row: q tile i of one (batch, head) against its key blocks."""
-  if sparse:
-    idx_ref, cnt_ref, o_ref = refs
-  else:
-    (o_ref,) = refs
+def _row_bound(lse_ref, i, *, block_size: int, seq_len: int, log_threshold: float,
+               inv_scale: float):
+  """Per-row bound [bs, 1] on the raw score q.k of query block i."""
   bs = block_size
-  n_pad = o_ref.shape[-1]
-  i = pl.program_id(0)
-
-  q = q_ref[...]                                                # [bs, D]
   lse = lse_ref[...].astype(jnp.float32)                        # [bs]
   row_ids = i * bs + jnp.arange(bs, dtype=jnp.int32)
-  # Row bound on the raw score q.k; padded rows can never be below it.
+  # Padded rows (past seq_len) can never be below it.
   bound = jnp.where(row_ids < seq_len, (lse + log_threshold) * inv_scale,
                     -jnp.inf)
-  bound = bound[:, None]
-  cols = jnp.arange(n_pad, dtype=jnp.int32)
-  has_tail = seq_len % bs != 0
+  return bound[:, None]
 
-  def count_block(j):
-    start = pl.multiple_of(j * bs, bs)
-    k = k_ref[pl.ds(start, bs), :]                              # [bs, D]
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)  # [bs, bs]
-    below = s < bound
-    if has_tail:
-      key_ok = start + jnp.arange(bs, dtype=jnp.int32) < seq_len
-      below = jnp.logical_and(below, key_ok[None, :])
-    return jnp.sum(below.astype(jnp.float32))
 
-  if sparse:
-    def body(t, row):
-      j = idx_ref[t]
-      return jnp.where(cols == j, count_block(j), row)
-    row0 = jnp.full((n_pad,), jnp.nan, jnp.float32)
-    row = jax.lax.fori_loop(0, cnt_ref[0], body, row0)
-  else:
-    def body(j, row):
-      return jnp.where(cols == j, count_block(j), row)
-    row = jax.lax.fori_loop(0, num_blocks, body,
-                            jnp.zeros((n_pad,), jnp.float32))
+def _below(q, k_ref, j, bound, *, block_size: int, seq_len: int):
+  """bool [bs, bs]: scores of key block j below the row bound (padded keys False)."""
+  bs = block_size
+  start = pl.multiple_of(j * bs, bs)
+  k = k_ref[pl.ds(start, bs), :]                                # [bs, D]
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.float32)    # [bs, bs]
+  below = s < bound
+  if seq_len % bs:
+    key_ok = start + jnp.arange(bs, dtype=jnp.int32) < seq_len
+    below = jnp.logical_and(below, key_ok[None, :])
+  return below
 
-  rows_valid = jnp.clip(seq_len - i * bs, 0, bs).astype(jnp.float32)
-  cols_valid = jnp.clip(seq_len - cols * bs, 0, bs).astype(jnp.float32)
+
+def _pair_counts(i, cols, *, block_size: int, seq_len: int):
+  """Valid (query, key) pairs of blocks (i, cols); 0 past n."""
+  bs = block_size
+  rows_valid = jnp.clip(seq_len - i * bs, 0, bs)
+  cols_valid = jnp.clip(seq_len - cols * bs, 0, bs)
+  return (rows_valid * cols_valid).astype(jnp.float32)
+
+
+def _dense_map_kernel(q_ref, k_ref, lse_ref, o_ref, *, block_size: int,
+                      seq_len: int, num_blocks: int, count_group: int,
+                      **bound_kw):
+  """Key blocks [split * w, (split + 1) * w) of query block i, w = o_ref width."""
+  geom = dict(block_size=block_size, seq_len=seq_len)
+  # Program ids are read here, not inside the loops (the interpreter needs that).
+  i, split = pl.program_id(0), pl.program_id(1)
+  width = o_ref.shape[-1]
+  first = split * width
+  q = q_ref[...]                                                # [bs, D]
+  bound = _row_bound(lse_ref, i, **geom, **bound_kw)
+  lanes = jnp.arange(count_group, dtype=jnp.int32)
+
+  def group(g, carry):
+    j0 = first + g * count_group
+
+    def tile(t, acc):
+      # Row counts stay in the dot's layout: a reduction inside each warp.
+      row_counts = jnp.sum(_below(q, k_ref, j0 + t, bound, **geom).astype(jnp.float32),
+                           axis=1)
+      return jnp.where(lanes[None, :] == t, row_counts[:, None], acc)
+
+    trip = jnp.clip(num_blocks - j0, 0, count_group)
+    acc = jax.lax.fori_loop(0, trip, tile,
+                            jnp.zeros((block_size, count_group), jnp.float32))
+    # Blocks past n divide 0 by 0 and are sliced off by the wrapper.
+    counts = jnp.sum(acc, axis=0) / _pair_counts(i, j0 + lanes, **geom)
+    o_ref[pl.ds(pl.multiple_of(g * count_group, count_group), count_group)] = counts
+    return carry
+
+  jax.lax.fori_loop(0, width // count_group, group, 0)
+
+
+def _sparse_map_kernel(q_ref, k_ref, lse_ref, idx_ref, cnt_ref, o_ref, *,
+                       block_size: int, seq_len: int, **bound_kw):
+  """Active key blocks (table entries < counts) of query block i; others NaN."""
+  geom = dict(block_size=block_size, seq_len=seq_len)
+  i = pl.program_id(0)
+  cols = jnp.arange(o_ref.shape[-1], dtype=jnp.int32)
+  q = q_ref[...]                                                # [bs, D]
+  bound = _row_bound(lse_ref, i, **geom, **bound_kw)
+
+  def body(t, row):
+    j = idx_ref[t]
+    count = jnp.sum(_below(q, k_ref, j, bound, **geom).astype(jnp.float32))
+    return jnp.where(cols == j, count, row)
+
+  row = jax.lax.fori_loop(0, cnt_ref[0], body,
+                          jnp.full(cols.shape, jnp.nan, jnp.float32))
   # Columns past n (n_pad > n) divide by 0 and are sliced off by the wrapper.
-  o_ref[...] = row / (rows_valid * cols_valid)
+  o_ref[...] = row / _pair_counts(i, cols, **geom)
 
 
 @functools.partial(
@@ -157,32 +227,40 @@ def sparsity_map_triton(q: jax.Array, k: jax.Array, lse: jax.Array,
   if sp != s_:
     lse = jnp.pad(lse, ((0, 0), (0, 0), (0, sp - s_)))
 
+  sparse = table is not None
+  if sparse:
+    splits, width = 1, n_pad
+  else:
+    splits, group = config.resolve_dense(b_ * h_ * n, n_pad)
+    width = n_pad // splits
+  # Grid (i, split, b, h); Pallas folds i and split into the launch's x axis.
   in_specs = [
-      pl.BlockSpec((None, bs, None, dp), lambda i, b, h: (b, i, h, 0)),
-      pl.BlockSpec((None, sp, None, dp), lambda i, b, h: (b, 0, h, 0)),
-      pl.BlockSpec((None, None, bs), lambda i, b, h: (b, h, i)),
+      pl.BlockSpec((None, bs, None, dp), lambda i, s, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, sp, None, dp), lambda i, s, b, h: (b, 0, h, 0)),
+      pl.BlockSpec((None, None, bs), lambda i, s, b, h: (b, h, i)),
   ]
   args = [q, k, lse]
-  sparse = table is not None
+  kw = dict(block_size=bs, seq_len=s_, log_threshold=math.log(threshold),
+            inv_scale=1.0 / scale)
   if sparse:
     w = table.indices.shape[-1]
     indices = jnp.broadcast_to(jnp.asarray(table.indices, jnp.int32), (b_, h_, n, w))
     counts = jnp.broadcast_to(jnp.asarray(table.counts, jnp.int32), (b_, h_, n))
     in_specs += [
-        pl.BlockSpec((None, None, None, w), lambda i, b, h: (b, h, i, 0)),
-        pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, i)),
+        pl.BlockSpec((None, None, None, w), lambda i, s, b, h: (b, h, i, 0)),
+        pl.BlockSpec((None, None, 1), lambda i, s, b, h: (b, h, i)),
     ]
     args += [indices, counts]
-
-  kernel = functools.partial(
-      _map_kernel, block_size=bs, seq_len=s_, num_blocks=n,
-      log_threshold=math.log(threshold), inv_scale=1.0 / scale, sparse=sparse)
+    kernel = functools.partial(_sparse_map_kernel, **kw)
+  else:
+    kernel = functools.partial(_dense_map_kernel, num_blocks=n, count_group=group,
+                               **kw)
   out = pl.pallas_call(
       kernel,
-      grid=(n, b_, h_),
+      grid=(n, splits, b_, h_),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, None, n_pad),
-                             lambda i, b, h: (b, h, i, 0)),
+      out_specs=pl.BlockSpec((None, None, None, width),
+                             lambda i, s, b, h: (b, h, i, s)),
       out_shape=jax.ShapeDtypeStruct((b_, h_, n, n_pad), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),

@@ -234,6 +234,43 @@ def test_threshold_monotone_and_deterministic(backend):
   np.testing.assert_array_equal(maps[0], maps[2])       # bitwise, NaN included
 
 
+@pytest.mark.skipif(not _runnable("triton"), reason=f"triton kernel cannot run on {PLATFORM}")
+@pytest.mark.parametrize("key_splits,count_group", [(1, 16), (4, 4), (8, 2), (None, 16)],
+                         ids=["one_program_4_groups", "splits=4_groups=4",
+                              "splits=8_groups=2", "auto"])
+def test_triton_dense_key_splits_and_count_groups(key_splits, count_group):
+  """The dense map's key split and per-group counts: n = 38 blocks (n_pad 64),
+  a short last block, groups past n and a partly filled last group."""
+  b, seq_len, h, d, block = 1, 16 * 37 + 5, 2, 32, 16
+  n = -(-seq_len // block)
+  cfg = map_triton.MapBlockConfig(key_splits=key_splits, count_group=count_group)
+  if key_splits is None:
+    assert cfg.resolve_dense(b * h * n, 64) == (8, 8)   # small grid: split up to n_pad / 8
+  q, k = make_inputs(b, seq_len, h, d, jnp.bfloat16, 21)
+  lse = local_lse(q, k, None, block, 1 / math.sqrt(d))
+  want = map_reference.sparsity_map_from_lse(q, k, lse, None, block_size=block,
+                                             threshold=1e-3)
+  assert_nontrivial(want)
+  got = map_triton.sparsity_map_triton(q, k, lse, None, block_size=block, threshold=1e-3,
+                                       interpret=INTERPRET, config=cfg)
+  chex.assert_shape(got, (b, h, n, n))
+  assert not np.any(np.isnan(np.asarray(got)))
+  assert_maps_match(got, want, seq_len=seq_len, block_size=block, max_flips=6,
+                    mean_tol=2e-3)
+
+
+def test_triton_map_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="key_splits"):
+    map_triton.MapBlockConfig(key_splits=3)
+  with pytest.raises(ValueError, match="count_group"):
+    map_triton.MapBlockConfig(count_group=1)
+  with pytest.raises(ValueError, match="key_splits=32"):
+    map_triton.MapBlockConfig(key_splits=32).resolve_dense(10, 32)
+  # Large grids stay at one program per row; the group never exceeds the split.
+  assert map_triton.MapBlockConfig().resolve_dense(10_000, 256) == (1, 16)
+  assert map_triton.MapBlockConfig(key_splits=4).resolve_dense(10, 32) == (4, 8)
+
+
 @pytest.mark.skipif(not _runnable("tpu"), reason=f"tpu kernel cannot run on {PLATFORM}")
 def test_tpu_table_split_over_calls(monkeypatch):
   """A table past the SMEM budget is split over several pallas_calls."""
