@@ -92,8 +92,8 @@ class MapBlockConfig:
     return splits, min(self.count_group, n_pad // splits)
 
 
-# Dense map: split key ranges until the grid has this many programs (about six
-# per SM on a 132-SM H100/H200 at two resident programs per SM).
+# Dense map: split key ranges until the grid has this many programs: about six
+# per SM of a 132-SM H100/H200, i.e. three waves at two resident programs per SM.
 MIN_PROGRAMS = 768
 
 
