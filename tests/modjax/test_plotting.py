@@ -1,6 +1,5 @@
 import imageio.v2 as imageio
 import jax
-import numpy as np
 import pytest
 
 import models
