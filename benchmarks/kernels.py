@@ -614,20 +614,28 @@ class Bench:
     scale = 1.0 / math.sqrt(shape.head_dim)
     lse = pk_api._attention_module("triton").block_sparse_lse(
         q0, k0, map_table, block_size=shape.block, sm_scale=scale, interpret=self.interpret)
+    seen = set()
     for warps, stages, *dense in self.args.map_sweep:
       if self.out_of_time():
         return
-      splits, group = (list(dense) + [None, 16])[:2]
-      cfg = map_triton.MapBlockConfig(num_warps=warps, num_stages=stages, key_splits=splits,
-                                      count_group=group)
-      def run(cfg=cfg):
+      label = f"w{warps}_s{stages}"
+      if dense and map_table is None:   # the chunking applies to the dense map only
+        label += f"_k{dense[0] or 'auto'}" + (f"_g{dense[1]}" if len(dense) > 1 else "")
+      if label in seen:
+        continue
+      seen.add(label)
+      def run(warps=warps, stages=stages, dense=dense):
+        cfg = map_triton.MapBlockConfig(    # inside guarded(): a bad config is an error row
+            num_warps=warps, num_stages=stages,
+            key_splits=(dense[0] or None) if dense else None,
+            count_group=dense[1] if len(dense) > 1 else map_triton.MapBlockConfig.count_group)
         fn = jax.jit(lambda q, k, l, t: map_triton.sparsity_map_triton(
             q, k, l, t, block_size=shape.block, threshold=self.args.threshold,
             sm_scale=scale, interpret=self.interpret, config=cfg))
         ms, comp, _ = time_jax(fn, [(q0, k0, lse, map_table)], self.args.runs)
         return ms, None, self._vs_dense(ms, dense_ms, comp)
       self.guarded(shape, "sparsity_map", mask_kind, density, run, variant="given_lse",
-                   config=f"w{warps}_s{stages}_k{splits}_g{group}", sweep=True, **extra)
+                   config=label, sweep=True, **extra)
 
   @staticmethod
   def _vs_dense(ms, dense_ms, comp):
@@ -732,7 +740,8 @@ def parse_args(argv=None):
                       "(e.g. '2,232,1;2,232,0,2;2,232,0,1,1')")
   p.add_argument("--map-sweep", type=_tiling_list, default=(),
                  help="Triton map-kernel configs to sweep, "
-                      "'warps,stages[,key_splits[,count_group]];...' (the last two: dense map)")
+                      "'warps,stages[,key_splits[,count_group]];...' (the last two: dense "
+                      "map only; key_splits 0 = auto)")
   p.add_argument("--sweep-seq-lens", type=int, nargs="+", default=[16384, 32760])
   p.add_argument("--sweep-densities", type=float, nargs="+", default=[1.0, 0.25])
   p.add_argument("--max-minutes", type=float, default=45.0)

@@ -10,9 +10,10 @@ Each program loads one q tile (query block i of one batch, head), computes the
 [bq, bk] score tiles of its key blocks in float32 on the tensor cores, compares
 them with the per-row bound and reduces each to one count per key block.
 
-Dense map (table=None): the row's n key blocks are split over `key_splits`
-programs (more programs when B*H*n is small, so the last wave is full). Each
-tile is reduced only along its columns (inside a warp); the per-row counts of
+Dense map (table=None): the row's n key blocks are split into chunks of a
+power-of-2 width, one program each (more programs when B*H*n is small, so the
+last wave is full). Each tile is summed over its key columns into per-row
+counts (inside a warp); the per-row counts of
 `count_group` consecutive tiles are kept in a [bq, count_group] register tile
 and reduced across rows (across warps, through shared memory) once per group,
 whose counts are then stored. Sparse map (a block table): one program per row
@@ -52,9 +53,11 @@ class MapBlockConfig:
     num_warps: warps per program; None = 8 for block_size >= 128, else 4.
     num_stages: software-pipelining stages of the K-tile loop; None = 2 for
       block_size >= 128 and head_dim >= 128, else 3.
-    key_splits: dense map only: programs per query-block row, each taking a
-      contiguous 1/key_splits of the key blocks (a power of 2); None = the
-      smallest that gives at least MIN_PROGRAMS programs, at most n_pad / 8.
+    key_splits: dense map only: the key blocks of a query-block row are cut
+      into chunks of n_pad / key_splits (a power of 2), one program each
+      (n_pad = max(16, next_power_of_2(n)); chunks past n are not launched);
+      None = halve the chunk until the grid has MIN_PROGRAMS programs or the
+      chunk is 8 blocks.
     count_group: dense map only: key blocks whose per-row counts are held in
       registers before one cross-warp reduction (a power of 2 >= 2).
   """
@@ -70,7 +73,7 @@ class MapBlockConfig:
     if self.num_stages is not None and not 1 <= self.num_stages <= 8:
       raise ValueError(f"num_stages must be in [1, 8], got {self.num_stages}")
     if self.key_splits is not None and not _is_pow2(self.key_splits):
-      raise ValueError(f"key_splits must be a power of 2, got {self.key_splits}")
+      raise ValueError(f"key_splits must be a power of 2 or None, got {self.key_splits!r}")
     if not (_is_pow2(self.count_group) and self.count_group >= 2):
       raise ValueError(f"count_group must be a power of 2 >= 2, got {self.count_group}")
 
@@ -79,17 +82,20 @@ class MapBlockConfig:
     stages = self.num_stages or (2 if block_size >= 128 and head_dim >= 128 else 3)
     return warps, stages
 
-  def resolve_dense(self, rows: int, n_pad: int) -> tuple[int, int]:
-    """(key_splits, count_group) for `rows` = B * H * n query-block rows."""
-    splits = self.key_splits
-    if splits is None:
-      splits = 1
-      while rows * splits < MIN_PROGRAMS and n_pad // (2 * splits) >= 8:
-        splits *= 2
-    if splits > n_pad // 2:
-      raise ValueError(f"key_splits={splits} must be at most n_pad / 2 = {n_pad // 2} "
-                       f"(n_pad = next power of 2 >= max(16, number of key blocks))")
-    return splits, min(self.count_group, n_pad // splits)
+  def resolve_dense(self, rows: int, n: int) -> tuple[int, int]:
+    """(chunk width, count_group) for `rows` = B * H * n query-block rows of n
+    key blocks; the grid runs ceil(n / width) programs per row."""
+    n_pad = _n_pad(n)
+    if self.key_splits is None:
+      width = n_pad
+      while rows * -(-n // width) < MIN_PROGRAMS and width // 2 >= 8:
+        width //= 2
+    elif self.key_splits > n_pad // 2:
+      raise ValueError(f"key_splits={self.key_splits} must be at most n_pad / 2 = "
+                       f"{n_pad // 2} (n_pad = max(16, next_power_of_2({n} key blocks)))")
+    else:
+      width = n_pad // self.key_splits
+    return width, min(self.count_group, width)
 
 
 # Dense map: split key ranges until the grid has this many programs: about six
@@ -97,8 +103,13 @@ class MapBlockConfig:
 MIN_PROGRAMS = 768
 
 
-def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
+def _is_pow2(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
+
+
+def _n_pad(n: int) -> int:
+  """Width of a sparse program's register row: a power of 2 >= max(16, n)."""
+  return max(16, pl.next_power_of_2(n))
 
 
 def _row_bound(lse_ref, i, *, block_size: int, seq_len: int, log_threshold: float,
@@ -216,7 +227,7 @@ def sparsity_map_triton(q: jax.Array, k: jax.Array, lse: jax.Array,
 
   sp = n * bs
   dp = max(16, pl.next_power_of_2(d_))
-  n_pad = max(16, pl.next_power_of_2(n))
+  n_pad = _n_pad(n)
   # Zero padding: padded keys/queries are masked in the kernel, padded head
   # dims add 0 to every dot product. A no-op (no copy) when already aligned.
   if sp != s_ or dp != d_:
@@ -231,8 +242,8 @@ def sparsity_map_triton(q: jax.Array, k: jax.Array, lse: jax.Array,
   if sparse:
     splits, width = 1, n_pad
   else:
-    splits, group = config.resolve_dense(b_ * h_ * n, n_pad)
-    width = n_pad // splits
+    width, group = config.resolve_dense(b_ * h_ * n, n)
+    splits = -(-n // width)
   # Grid (i, split, b, h); Pallas folds i and split into the launch's x axis.
   in_specs = [
       pl.BlockSpec((None, bs, None, dp), lambda i, s, b, h: (b, i, h, 0)),
@@ -261,7 +272,7 @@ def sparsity_map_triton(q: jax.Array, k: jax.Array, lse: jax.Array,
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, None, width),
                              lambda i, s, b, h: (b, h, i, s)),
-      out_shape=jax.ShapeDtypeStruct((b_, h_, n, n_pad), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((b_, h_, n, splits * width), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,

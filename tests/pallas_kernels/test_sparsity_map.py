@@ -245,7 +245,8 @@ def test_triton_dense_key_splits_and_count_groups(key_splits, count_group):
   n = -(-seq_len // block)
   cfg = map_triton.MapBlockConfig(key_splits=key_splits, count_group=count_group)
   if key_splits is None:
-    assert cfg.resolve_dense(b * h * n, 64) == (8, 8)   # small grid: split up to n_pad / 8
+    # A small grid: chunks of 8 blocks, 5 programs per row (none past n).
+    assert cfg.resolve_dense(b * h * n, n) == (8, 8)
   q, k = make_inputs(b, seq_len, h, d, jnp.bfloat16, 21)
   lse = local_lse(q, k, None, block, 1 / math.sqrt(d))
   want = map_reference.sparsity_map_from_lse(q, k, lse, None, block_size=block,
@@ -260,15 +261,19 @@ def test_triton_dense_key_splits_and_count_groups(key_splits, count_group):
 
 
 def test_triton_map_config_rejects_bad_values():
-  with pytest.raises(ValueError, match="key_splits"):
-    map_triton.MapBlockConfig(key_splits=3)
-  with pytest.raises(ValueError, match="count_group"):
-    map_triton.MapBlockConfig(count_group=1)
+  for bad in (3, True, 0.5):
+    with pytest.raises(ValueError, match="key_splits"):
+      map_triton.MapBlockConfig(key_splits=bad)
+  for bad in (1, None, 12):
+    with pytest.raises(ValueError, match="count_group"):
+      map_triton.MapBlockConfig(count_group=bad)
   with pytest.raises(ValueError, match="key_splits=32"):
     map_triton.MapBlockConfig(key_splits=32).resolve_dense(10, 32)
-  # Large grids stay at one program per row; the group never exceeds the split.
-  assert map_triton.MapBlockConfig().resolve_dense(10_000, 256) == (1, 16)
-  assert map_triton.MapBlockConfig(key_splits=4).resolve_dense(10, 32) == (4, 8)
+  # Large grids keep one program per row; the group never exceeds the chunk.
+  assert map_triton.MapBlockConfig().resolve_dense(10_000, 200) == (256, 16)
+  assert map_triton.MapBlockConfig(key_splits=4).resolve_dense(10, 32) == (8, 8)
+  # 4096 tokens, 12 heads (n = 32): two chunks of 16 blocks per row.
+  assert map_triton.MapBlockConfig().resolve_dense(12 * 32, 32) == (16, 16)
 
 
 @pytest.mark.skipif(not _runnable("tpu"), reason=f"tpu kernel cannot run on {PLATFORM}")
