@@ -578,8 +578,10 @@ class Bench:
     if dense_ms:
       extra["dense_attention_ms"] = dense_ms
 
+    computed = {}
+
     def given_lse():
-      lse = pk_api._attention_module(impl).block_sparse_lse(
+      lse = computed["lse"] = pk_api._attention_module(impl).block_sparse_lse(
           q0, k0, None if dense else table,
           block_size=shape.block, sm_scale=1.0 / math.sqrt(shape.head_dim),
           interpret=self.interpret)
@@ -591,9 +593,10 @@ class Bench:
       return ms, err_of(out), self._vs_dense(ms, dense_ms, comp)
     self.guarded(shape, "sparsity_map", mask_kind, density, given_lse,
                  variant="given_lse", **extra)
-    if impl != "xla" and shape.seq_len in args.sweep_seq_lens \
+    if "lse" in computed and impl != "xla" and shape.seq_len in args.sweep_seq_lens \
         and extra["target_density"] in args.sweep_densities:
-      self.run_map_sweep(shape, q0, k0, map_table, mask_kind, density, dense_ms, extra)
+      self.run_map_sweep(shape, q0, k0, computed["lse"], map_table, mask_kind, density,
+                         dense_ms, extra)
 
     def with_lse():
       fn = lambda q, k, m: pk.sparsity_map(q, k, block_mask=m, **kw)
@@ -608,12 +611,11 @@ class Bench:
       return ms, err_of(out[1]), self._vs_dense(ms, dense_ms, comp)
     self.guarded(shape, "attention_with_map", mask_kind, density, with_map, **extra)
 
-  def run_map_sweep(self, shape, q0, k0, map_table, mask_kind, density, dense_ms, extra):
-    """Triton map-kernel launch configs (--map-sweep) on the same lse."""
+  def run_map_sweep(self, shape, q0, k0, lse, map_table, mask_kind, density, dense_ms,
+                    extra):
+    """Triton map-kernel launch configs (--map-sweep) on the lse run_map computed."""
     from pallas_kernels import map_triton
     scale = 1.0 / math.sqrt(shape.head_dim)
-    lse = pk_api._attention_module("triton").block_sparse_lse(
-        q0, k0, map_table, block_size=shape.block, sm_scale=scale, interpret=self.interpret)
     seen = set()
     for warps, stages, *dense in self.args.map_sweep:
       if self.out_of_time():

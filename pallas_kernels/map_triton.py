@@ -108,7 +108,8 @@ def _is_pow2(x) -> bool:
 
 
 def _n_pad(n: int) -> int:
-  """Width of a sparse program's register row: a power of 2 >= max(16, n)."""
+  """A power of 2 >= max(16, n): the sparse program's register row, and the
+  dense map's widest chunk."""
   return max(16, pl.next_power_of_2(n))
 
 
