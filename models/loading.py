@@ -36,6 +36,7 @@ from safetensors.numpy import save_file
 
 from models.config import DiTConfig
 from models.wan import param_shapes
+from models.weights import check_names, check_shape, weight_files
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -47,7 +48,6 @@ _IGNORED_UNEXPECTED = ("norm_added_q",)
 _MODULE_RENAMES = (("to_out", "to_out.0"), ("ffn.proj_in", "ffn.net.0.proj"),
                    ("ffn.proj_out", "ffn.net.2"))
 _BLOCK = re.compile(r"^blocks_(\d+)$")
-_LIST_LIMIT = 20
 
 
 # ------------------------------------------------------------ layer layouts
@@ -135,29 +135,6 @@ def _loop_layout_shapes(config: DiTConfig) -> dict[tuple[str, ...], jax.ShapeDty
   return traverse_util.flatten_dict(param_shapes(dataclasses.replace(config, scan_layers=False)))
 
 
-def _names_list(names) -> str:
-  names = sorted(names)
-  more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
-  return ", ".join(names[:_LIST_LIMIT]) + more
-
-
-def _check_names(expected, found, where: str):
-  missing, unexpected = set(expected) - set(found), set(found) - set(expected)
-  if missing or unexpected:
-    lines = [f"tensors of {where} do not match the model:"]
-    if missing:
-      lines.append(f"  missing ({len(missing)}): {_names_list(missing)}")
-    if unexpected:
-      lines.append(f"  unexpected ({len(unexpected)}): {_names_list(unexpected)}")
-    raise ValueError("\n".join(lines))
-
-
-def _check_shape(name: str, expected, actual, where: str):
-  if tuple(expected) != tuple(actual):
-    raise ValueError(f"tensor {name!r} in {where}: expected shape {tuple(expected)}, "
-                     f"got {tuple(actual)}")
-
-
 def _read_params(config: DiTConfig, read: Callable[[tuple[str, ...]], np.ndarray]):
   """Builds params in config's layout and param_dtype from `read(loop_layout_path)`.
 
@@ -188,22 +165,6 @@ def _transformer_dir(path: Path) -> Path:
   return path
 
 
-def _weight_files(folder: Path) -> dict[str, Path]:
-  """Tensor name -> the safetensors file that holds it."""
-  if (folder / INDEX_NAME).exists():
-    weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
-    files = {name: folder / file for name, file in weight_map.items()}
-    for file in sorted(set(files.values())):
-      if not file.exists():
-        raise FileNotFoundError(f"shard {str(file)!r} listed in {str(folder / INDEX_NAME)!r} "
-                                f"does not exist")
-    return files
-  if not (folder / WEIGHTS_NAME).exists():
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(folder)!r}")
-  with safe_open(folder / WEIGHTS_NAME, framework="np") as f:
-    return {name: folder / WEIGHTS_NAME for name in f.keys()}
-
-
 def load_diffusers_transformer(path, **overrides) -> tuple[DiTConfig, Any]:
   """Reads a diffusers `WanTransformer3DModel` folder (or a pipeline folder with a
   transformer/ subfolder). overrides set our own config fields (dtype,
@@ -214,14 +175,14 @@ def load_diffusers_transformer(path, **overrides) -> tuple[DiTConfig, Any]:
                                            **overrides)
   shapes = _loop_layout_shapes(config)
   names = {_diffusers_name(p): p for p in shapes}
-  files = _weight_files(folder)
+  files = weight_files(folder, WEIGHTS_NAME, INDEX_NAME)
   found = [n for n in files if not any(ignored in n for ignored in _IGNORED_UNEXPECTED)]
-  _check_names(names, found, str(folder))
+  check_names(names, found, str(folder))
 
   with contextlib.ExitStack() as stack:
     handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in set(files.values())}
     for name, p in names.items():  # all shapes first: fail before reading any data
-      _check_shape(name, _diffusers_shape(p, shapes[p].shape, config),
+      check_shape(name, _diffusers_shape(p, shapes[p].shape, config),
                    handles[files[name]].get_slice(name).get_shape(), str(files[name]))
 
     def read(p):
@@ -238,9 +199,9 @@ def _check_params(config: DiTConfig, params, where: str) -> dict[tuple[str, ...]
   flat = traverse_util.flatten_dict(_to_layout(params, config, scan_layers=False))
   shapes = _loop_layout_shapes(config)
   dotted = lambda p: ".".join(p)
-  _check_names({dotted(p) for p in shapes}, {dotted(p) for p in flat}, where)
+  check_names({dotted(p) for p in shapes}, {dotted(p) for p in flat}, where)
   for p, leaf in flat.items():
-    _check_shape(dotted(p), shapes[p].shape, np.shape(leaf), where)
+    check_shape(dotted(p), shapes[p].shape, np.shape(leaf), where)
   return flat
 
 
@@ -308,7 +269,7 @@ def load_params(path, **overrides) -> tuple[DiTConfig, Any]:
   config = DiTConfig.from_dict(json.loads(config_file.read_text()), **overrides)
   shapes = {".".join(p): s.shape for p, s in _loop_layout_shapes(config).items()}
   with safe_open(weights, framework="np") as f:
-    _check_names(shapes, f.keys(), str(weights))
+    check_names(shapes, f.keys(), str(weights))
     for name in f.keys():
-      _check_shape(name, shapes[name], f.get_slice(name).get_shape(), str(weights))
+      check_shape(name, shapes[name], f.get_slice(name).get_shape(), str(weights))
     return config, _read_params(config, lambda p: f.get_tensor(".".join(p)))

@@ -1,0 +1,131 @@
+"""Reading external checkpoints: safetensors folders (single file or sharded) and
+allow-listed json configs, with errors that name the file, tensor or key.
+
+Every family's converter (Wan transformer and VAE, T5 encoders, ...) reads its
+folder through these, so a missing shard, an unknown config key or a tensor of
+the wrong shape fails the same way, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+from safetensors import safe_open
+
+_LIST_LIMIT = 20
+
+
+def read_json(path) -> dict:
+  """A json file as a dict; FileNotFoundError / ValueError name the file."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{str(path)!r} does not exist")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{str(path)!r} is not valid json: {e}") from None
+
+
+def parse_config(raw: Mapping[str, Any], defaults: Mapping[str, Any], *, where: str,
+                 class_names: Iterable[str] = (), ignored: Iterable[str] = ()) -> dict:
+  """An external config.json dict checked against an allow-list.
+
+  defaults: every key we understand, with the value a missing key takes (as the
+    external library's own constructor would). Keys starting with "_" are
+    bookkeeping (`_class_name`, `_diffusers_version`, ...): skipped, except that
+    `_class_name`, when class_names is given, must be one of them. Keys in
+    `ignored` are accepted and dropped (fields that do not change the math).
+    Any other unknown key is an error naming it and the known keys.
+  """
+  class_names, ignored = tuple(class_names), set(ignored)
+  out = dict(defaults)
+  for key, value in raw.items():
+    if key.startswith("_"):
+      if key == "_class_name" and class_names and value not in class_names:
+        raise ValueError(f"{where}: _class_name must be one of {list(class_names)}, got {value!r}")
+      continue
+    if key in ignored:
+      continue
+    if key not in defaults:
+      raise ValueError(f"{where}: unknown config key {key!r}; known keys: {sorted(defaults)}")
+    out[key] = value
+  return out
+
+
+def weight_files(folder, weights_name: str, index_name: Optional[str] = None) -> dict[str, Path]:
+  """Tensor name -> the safetensors file of `folder` that holds it.
+
+  Reads the shard index `index_name` when present (every listed shard must
+  exist), else the single file `weights_name`.
+  """
+  folder = Path(folder)
+  if index_name and (folder / index_name).exists():
+    weight_map = read_json(folder / index_name)["weight_map"]
+    files = {name: folder / file for name, file in weight_map.items()}
+    for file in sorted(set(files.values())):
+      if not file.exists():
+        raise FileNotFoundError(f"shard {str(file)!r} listed in {str(folder / index_name)!r} "
+                                f"does not exist")
+    return files
+  if not (folder / weights_name).exists():
+    wanted = f"{weights_name} or {index_name}" if index_name else weights_name
+    raise FileNotFoundError(f"no {wanted} in {str(folder)!r}")
+  with safe_open(folder / weights_name, framework="np") as f:
+    return {name: folder / weights_name for name in f.keys()}
+
+
+@contextlib.contextmanager
+def open_tensors(files: Mapping[str, Path]):
+  """Yields name -> a safetensors slice handle (`.get_shape()`, `[...]`), every
+  file opened once, closed on exit."""
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in set(files.values())}
+    yield _Tensors(files, handles)
+
+
+class _Tensors:
+  def __init__(self, files, handles):
+    self._files, self._handles = files, handles
+
+  def __contains__(self, name):
+    return name in self._files
+
+  def names(self):
+    return list(self._files)
+
+  def where(self, name) -> str:
+    return str(self._files[name])
+
+  def shape(self, name) -> tuple[int, ...]:
+    return tuple(self._handles[self._files[name]].get_slice(name).get_shape())
+
+  def get(self, name):
+    """The tensor as a numpy array (bf16 as ml_dtypes.bfloat16)."""
+    return self._handles[self._files[name]].get_tensor(name)
+
+
+def names_list(names) -> str:
+  names = sorted(names)
+  more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
+  return ", ".join(names[:_LIST_LIMIT]) + more
+
+
+def check_names(expected, found, where: str) -> None:
+  """Both sets equal, else one error listing the missing and the unexpected names."""
+  missing, unexpected = set(expected) - set(found), set(found) - set(expected)
+  if missing or unexpected:
+    lines = [f"tensors of {where} do not match the model:"]
+    if missing:
+      lines.append(f"  missing ({len(missing)}): {names_list(missing)}")
+    if unexpected:
+      lines.append(f"  unexpected ({len(unexpected)}): {names_list(unexpected)}")
+    raise ValueError("\n".join(lines))
+
+
+def check_shape(name: str, expected, actual, where: str) -> None:
+  if tuple(expected) != tuple(actual):
+    raise ValueError(f"tensor {name!r} in {where}: expected shape {tuple(expected)}, "
+                     f"got {tuple(actual)}")
