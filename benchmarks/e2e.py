@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import models
+from models import wan
 import modjax
-from modjax import sampler as sampler_lib
+from modjax import callbacks, sampler as sampler_lib
 from modjax.schedule import StepKind
 
 SHAPES = {  # name: (video frames, height, width) -> latent (F, H, W) with the Wan VAE (4x temporal, 8x spatial)
@@ -54,8 +54,9 @@ def modes(n_blocks: int, target_density: float):
 def run_mode(config, params, context, neg, latent, attention, steps):
   settings = modjax.SamplerSettings(frames=latent[0], height=latent[1], width=latent[2],
                                     num_inference_steps=steps, guidance_scale=5.0, shift=5.0,
-                                    attention=attention, record_step_times=True)
-  sampler = modjax.Sampler(config, settings)
+                                    attention=attention)
+  timer = callbacks.StepTimer()
+  sampler = modjax.Sampler(wan.WanFamily(config), settings, callbacks=(timer,))
   key = jax.random.key(0)
   t0 = time.perf_counter()
   compiled = sampler.lower(params, context, neg, key).compile()
@@ -64,7 +65,7 @@ def run_mode(config, params, context, neg, latent, attention, steps):
   out = compiled(params, context, neg, key)
   jax.block_until_ready(out.latents)
   total = time.perf_counter() - t0
-  stamps = np.asarray(sampler_lib.last_step_times())
+  stamps = np.asarray(timer.times)
   per_step = np.diff(np.concatenate([[t0], stamps])) * 1e3
   kinds = np.asarray(out.step_kinds)
   by_kind = {StepKind(k).name.lower(): float(np.median(per_step[kinds == k])) for k in np.unique(kinds)}
@@ -85,10 +86,10 @@ def main():
   args = ap.parse_args()
   start = time.perf_counter()
   if args.checkpoint:
-    config, params = models.load_diffusers_transformer(args.checkpoint, param_dtype="bfloat16",
+    config, params = wan.load_diffusers_transformer(args.checkpoint, param_dtype="bfloat16",
                                                       dtype="bfloat16")
   else:
-    config = models.DiTConfig.wan2_1_1_3b(param_dtype="bfloat16")
+    config = wan.WanConfig.wan2_1_1_3b(param_dtype="bfloat16")
     params = None
   rows = []
   result = dict(kind="e2e", card=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -100,7 +101,7 @@ def main():
     frames, height, width = SHAPES[shape]
     latent = latent_size(frames, height, width)
     if params is None:
-      params = models.init_params(config, jax.random.key(0), *latent, 512)
+      params = wan.init_params(config, jax.random.key(0), *latent, 512)
     tokens = config.tokens(*latent)
     n_blocks = -(-tokens // 128)
     for name in args.modes.split(","):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import modjax
-from modjax import pipeline
+from modjax import pipelines
 from modjax.schedule import StepKind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,14 +153,15 @@ def recall_by_kind(mask_recall, step_kinds) -> dict:
 class Runner:
   """Samples the (seed, label) pairs with one attention config at a time."""
 
-  def __init__(self, model: pipeline.LoadedModel, setup: Setup, pairs, *, batch: int = 16,
+  def __init__(self, model: pipelines.LoadedModel, setup: Setup, pairs, *, batch: int = 16,
                noise_seed: int = 0, record_recall: bool = True):
     self.model, self.setup, self.pairs = model, setup, list(pairs)
     self.record_recall = record_recall and _supports_recall()
     self.chunks = []
     for c, start in enumerate(range(0, len(self.pairs), batch)):
       chunk = self.pairs[start:start + batch]
-      ctx, neg = zip(*(model.make_context(1, jax.random.fold_in(jax.random.key(seed), 1), label)
+      ctx, neg = zip(*(model.make_context(1, jax.random.fold_in(jax.random.key(seed), 1),
+                                          label if model.num_labels else None)
                        for seed, label in chunk))
       key = jax.random.fold_in(jax.random.key(noise_seed), c)
       self.chunks.append((jnp.concatenate(ctx), jnp.concatenate(neg), key, len(chunk)))
@@ -172,7 +173,7 @@ class Runner:
     settings = modjax.SamplerSettings(
         frames=s.frames, height=s.height, width=s.width, num_inference_steps=s.steps,
         guidance_scale=s.guidance_scale, shift=s.shift, attention=attention, **extra)
-    sampler = modjax.Sampler(self.model.config, settings)
+    sampler = modjax.Sampler(self.model.family, settings)
     videos, sparsities, post, recalls, weights = [], [], [], [], []
     compile_s = run_s = 0.0
     kinds = None
@@ -271,7 +272,7 @@ def _stats(values: np.ndarray) -> tuple[float, float]:
   return float(np.mean(values)), float(np.std(values))
 
 
-def run_quality(model: pipeline.LoadedModel, setup: Setup, pairs, mod_runs, *,
+def run_quality(model: pipelines.LoadedModel, setup: Setup, pairs, mod_runs, *,
                 batch: int = 16, noise_seed: int = 0, baselines: bool = True,
                 record_recall: bool = True, deadline: Optional[float] = None,
                 on_update: Optional[Callable[..., None]] = None,
@@ -298,7 +299,7 @@ def run_quality(model: pipeline.LoadedModel, setup: Setup, pairs, mod_runs, *,
       mask_recall_recorded=runner.record_recall,
       rows=[], errors=[], skipped=[], complete=False)
   if model.name == "demo":
-    from models import demo_data
+    from models.demo import data as demo_data
     result["label_names"] = [demo_data.describe_label(label) for _, label in runner.pairs]
   videos = {}
   dense, info = runner.sample(modjax.DenseConfig())
@@ -503,7 +504,7 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   t_start = time.perf_counter()
   deadline = None if args.max_minutes is None else t_start + 60.0 * args.max_minutes
-  model = pipeline.load_model(args.model)
+  model = pipelines.load_model(args.model)
   d = model.defaults
   quick = args.quick
   steps = args.steps or (8 if quick else d.num_inference_steps)
@@ -570,10 +571,7 @@ def main(argv=None) -> int:
 
 
 def _num_classes(model) -> int:
-  if model.name == "demo":
-    from models import train
-    return train.NUM_CLASSES
-  return 1
+  return model.num_labels or 1
 
 
 if __name__ == "__main__":

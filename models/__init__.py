@@ -1,34 +1,16 @@
-"""Flax video DiT (Wan2.1-style), its config, and diffusers weight conversion."""
+"""Flax video diffusion models, one subpackage per family, and what they share.
 
-from models.attention import AttentionControl, self_attention
-from models.config import DiTConfig
-from models.loading import (
-    load_diffusers_transformer,
-    load_params,
-    save_diffusers_transformer,
-    save_params,
-    stack_blocks,
-    unstack_blocks,
-)
-from models.rope import apply_rope, rope_tables
-from models.wan import WanDiT, apply, init_params, param_shapes, patchify, unpatchify
+  models.wan      Wan2.1: transformer, config, diffusers conversion
+  models.demo     the small pixel-space demo model: data, training, checkpoint
+  models.family   the protocol the sampler sees (AttentionLayout, Family)
+  models.attention dense attention and the control hook models call
+  models.weights  safetensors folders and allow-listed configs
 
-__all__ = [
-    "AttentionControl",
-    "DiTConfig",
-    "WanDiT",
-    "apply",
-    "apply_rope",
-    "init_params",
-    "load_diffusers_transformer",
-    "load_params",
-    "param_shapes",
-    "patchify",
-    "rope_tables",
-    "save_diffusers_transformer",
-    "save_params",
-    "self_attention",
-    "stack_blocks",
-    "unpatchify",
-    "unstack_blocks",
-]
+Nothing here imports modjax: models know attention only through the control
+object they are handed.
+"""
+
+from models.attention import AttentionHook, dense_attention
+from models.family import AttentionLayout, Family
+
+__all__ = ["AttentionHook", "AttentionLayout", "Family", "dense_attention"]

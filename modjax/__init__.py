@@ -5,6 +5,7 @@ Public API:
   fit_pattern_features, PatternFeatures, predict_mask: ALGORITHM.md sections 2-3.
   MODConfig, DenseConfig, StaticWindowConfig, OracleConfig, warmup_reuse: policies.
   Sampler, SamplerSettings, sample_fn, SampleOutput, sparsity: the sampler.
+  AttentionControl: what a step asks of attention. callbacks: progress and timers.
 """
 
 from modjax.config import (
@@ -15,6 +16,7 @@ from modjax.config import (
     StaticWindowConfig,
     warmup_reuse,
 )
+from modjax.control import AttentionControl
 from modjax.features import PatternFeatures, fit_pattern_features, reconstruct_map
 from modjax.policies import Geometry, MODState
 from modjax.predict import max_row_width, predict_mask
@@ -22,7 +24,7 @@ from modjax.sampler import SampleOutput, Sampler, SamplerSettings, sample_fn, sp
 from modjax.schedule import StepKind, flow_sigmas, mod_step_kinds
 
 __all__ = [
-    "DenseConfig", "Geometry", "MODConfig", "MODState", "OracleConfig", "PatternFeatures",
+    "AttentionControl", "DenseConfig", "Geometry", "MODConfig", "MODState", "OracleConfig", "PatternFeatures",
     "SampleOutput", "Sampler", "SamplerSettings", "StaticMaskConfig", "StaticWindowConfig", "StepKind",
     "fit_pattern_features", "flow_sigmas", "max_row_width", "mod_step_kinds",
     "predict_mask", "reconstruct_map", "sample_fn", "sparsity", "warmup_reuse",

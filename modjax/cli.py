@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m modjax")
   sub = p.add_subparsers(dest="command", required=True)
   s = sub.add_parser("sample", help="sample a video with a named model")
-  s.add_argument("--model", default="demo", help="demo | tiny | path to a diffusers Wan transformer folder")
+  s.add_argument("--model", default="demo", help="demo | tiny | path of a demo export (.safetensors)")
   s.add_argument("--frames", "--num-frames", dest="frames", type=int, default=None)
   s.add_argument("--height", type=int, default=None)
   s.add_argument("--width", type=int, default=None)
@@ -62,10 +62,10 @@ def sample_command(args) -> int:
   import jax
   import numpy as np
 
-  from modjax import pipeline, sampler as sampler_lib
+  from modjax import callbacks, pipelines, sampler as sampler_lib
 
   video_lib.check_output_path(args.out)
-  model = pipeline.load_model(args.model, seed=args.seed)
+  model = pipelines.load_model(args.model, seed=args.seed)
   d = model.defaults
   steps = args.steps or d.num_inference_steps
   settings = sampler_lib.SamplerSettings(
@@ -73,11 +73,12 @@ def sample_command(args) -> int:
       num_inference_steps=steps,
       guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
       shift=d.shift if args.shift is None else args.shift,
-      attention=attention_config(args, d, steps), progress=not args.no_progress)
+      attention=attention_config(args, d, steps))
   key = jax.random.key(args.seed)
   kctx, knoise = jax.random.split(key)
   context, neg_context = model.make_context(1, kctx, args.label)
-  sampler = sampler_lib.Sampler(model.config, settings)
+  progress = () if args.no_progress else (callbacks.TqdmProgress(),)
+  sampler = sampler_lib.Sampler(model.family, settings, callbacks=progress)
 
   t0 = time.perf_counter()
   compiled = sampler.lower(model.params, context, neg_context, knoise).compile()

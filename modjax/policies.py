@@ -20,10 +20,10 @@ import numpy as np
 from flax import struct
 
 import pallas_kernels
-from models.attention import AttentionControl
 from modjax import config as cfg_lib
 from modjax import features as features_lib
 from modjax import masks as masks_lib
+from modjax.control import AttentionControl
 from modjax import predict as predict_lib
 from modjax.schedule import StepKind, mod_step_kinds, warmup_step_kinds
 
@@ -37,6 +37,18 @@ class Geometry:
   seq_len: int
   tokens_per_frame: int
   block_size: int
+
+  @classmethod
+  def from_layout(cls, layout, *, batch: int, block_size: int) -> "Geometry":
+    """From a family's `models.family.AttentionLayout` at some latent sizes."""
+    if not layout.video_only:
+      raise ValueError(
+          f"attention over text and video tokens in one sequence (video tokens "
+          f"[{layout.video_start}, {layout.video_start + layout.video_tokens}) of "
+          f"{layout.seq_len}) is not supported by the attention policies yet")
+    return cls(num_layers=layout.num_layers, batch=batch, heads=layout.num_heads,
+               seq_len=layout.seq_len, tokens_per_frame=layout.tokens_per_frame,
+               block_size=block_size)
 
   @property
   def num_blocks(self) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import quality
-from modjax import pipeline
+from modjax import pipelines
 
 
 def _video(seed=0, shape=(2, 3, 4, 32, 32)):
@@ -102,7 +102,7 @@ def test_default_sweep_is_scaled_and_ordered():
 # ---------------------------------------------------------------------- smoke
 
 def test_run_quality_smoke_on_tiny(tmp_path):
-  model = pipeline.load_model("tiny")
+  model = pipelines.load_model("tiny")
   setup = quality.Setup(frames=8, height=16, width=16, steps=4, guidance_scale=4.0, shift=3.0)
   run = quality.ModRun(top_k=0.3, warmup_steps=2, interval=2, refresh="dense", block_size=64)
   updates = []

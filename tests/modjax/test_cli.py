@@ -21,10 +21,10 @@ def test_sample_writes_a_gif_with_the_tiny_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope"], "--model must be one of"),
-    (["--model", "tiny", "--height", "15"], "height=15 must be divisible"),
+    (["--model", "tiny", "--height", "15"], "height=15 must be a positive multiple"),
     (["--model", "tiny", "--out", "/nonexistent-folder/x.gif"], "folder does not exist"),
     (["--model", "tiny", "--out", "x.avi"], "--out must end in one of"),
-    (["--model", "demo", "--label", "99"], "label must be in"),
+    (["--model", "demo", "--label", "99"], "label must be an int in"),
 ])
 def test_bad_arguments_give_one_clear_error_line(args, message, capsys, tmp_path):
   if "--out" not in args:

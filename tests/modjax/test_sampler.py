@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from models import wan
 import modjax
 from modjax.schedule import StepKind
 
@@ -19,8 +19,8 @@ MOD_SMALL = dict(block_size=64, warmup_steps=4, interval=2, implementation="xla"
 
 @functools.lru_cache(maxsize=None)
 def _model():
-  config = models.DiTConfig.tiny()
-  params = models.init_params(config, jax.random.key(0), FRAMES, HEIGHT, WIDTH, TEXT_LEN)
+  config = wan.WanConfig.tiny()
+  params = wan.init_params(config, jax.random.key(0), FRAMES, HEIGHT, WIDTH, TEXT_LEN)
   return config, params
 
 
@@ -39,8 +39,8 @@ def _settings(attention, steps=STEPS, **kw):
 
 def _run(attention, loop="scan", seed=1):
   config, params = _model()
-  fn = jax.jit(modjax.sample_fn(config, _settings(attention), loop=loop)) if loop == "scan" else \
-      modjax.sample_fn(config, _settings(attention), loop=loop)
+  fn = jax.jit(modjax.sample_fn(wan.WanFamily(config), _settings(attention), loop=loop)) if loop == "scan" else \
+      modjax.sample_fn(wan.WanFamily(config), _settings(attention), loop=loop)
   return fn(params, *_inputs(seed))
 
 
@@ -61,7 +61,7 @@ def test_flow_sigmas_are_shifted_and_end_at_zero():
 
 def test_dense_sampler_compiles_once():
   config, params = _model()
-  fn = jax.jit(chex.assert_max_traces(modjax.sample_fn(config, _settings(modjax.DenseConfig())), n=1))
+  fn = jax.jit(chex.assert_max_traces(modjax.sample_fn(wan.WanFamily(config), _settings(modjax.DenseConfig())), n=1))
   a = fn(params, *_inputs(1))
   b = fn(params, *_inputs(2))
   assert not np.allclose(a.latents, b.latents)
@@ -71,7 +71,7 @@ def test_dense_sampler_compiles_once():
 def test_mod_schedule_runs_in_one_compiled_scan():
   config, params = _model()
   mod = modjax.MODConfig(top_k=6, **MOD_SMALL)
-  fn = jax.jit(chex.assert_max_traces(modjax.sample_fn(config, _settings(mod)), n=1))
+  fn = jax.jit(chex.assert_max_traces(modjax.sample_fn(wan.WanFamily(config), _settings(mod)), n=1))
   out = fn(params, *_inputs(1))
   fn(params, *_inputs(3))  # a second call must not retrace
   kinds = np.asarray(out.step_kinds)
@@ -143,13 +143,13 @@ def test_bad_settings_raise_clear_errors():
     modjax.SamplerSettings(frames=1, height=2, width=2, guidance_scale=0.5)
   config, _ = _model()
   with pytest.raises(ValueError, match="height"):
-    modjax.sample_fn(config, modjax.SamplerSettings(frames=2, height=3, width=4))
+    modjax.sample_fn(wan.WanFamily(config), modjax.SamplerSettings(frames=2, height=3, width=4))
 
 
 def test_mask_recall_is_recorded_per_step_and_layer():
   config, params = _model()
   settings = _settings(modjax.MODConfig(top_k=3, **MOD_SMALL), record_recall=True)
-  out = jax.jit(modjax.sample_fn(config, settings))(params, *_inputs(1))
+  out = jax.jit(modjax.sample_fn(wan.WanFamily(config), settings))(params, *_inputs(1))
   recall, kinds = np.asarray(out.mask_recall), np.asarray(out.step_kinds)
   chex.assert_shape(recall, (STEPS, config.num_layers))
   assert (recall[kinds == StepKind.DENSE] == 1).all()

@@ -15,12 +15,11 @@ almost by identity (our modules keep diffusers' names):
                                  <-> Dense [pt*ph*pw*C, dim] (our patch order)
 
 Our own checkpoints (`save_params` / `load_params`) are one safetensors file of
-flat dotted param paths plus a json file of the `DiTConfig` beside it.
+flat dotted param paths plus a json file of the `WanConfig` beside it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -34,9 +33,9 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models.config import DiTConfig
-from models.wan import param_shapes
-from models.weights import check_names, check_shape, weight_files
+from models.wan.config import WanConfig
+from models.wan.transformer import param_shapes
+from models.weights import check_names, check_shape, open_tensors, read_json, weight_files
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -84,7 +83,7 @@ def unstack_blocks(params: Mapping[str, Any], num_layers: int) -> dict:
   return out
 
 
-def _to_layout(params: Mapping[str, Any], config: DiTConfig, scan_layers: bool) -> dict:
+def _to_layout(params: Mapping[str, Any], config: WanConfig, scan_layers: bool) -> dict:
   is_scanned = "blocks" in params
   if is_scanned == scan_layers:
     return dict(params)
@@ -107,7 +106,7 @@ def _diffusers_name(path: tuple[str, ...]) -> str:
   return f"{module}.{leaf}" if module else leaf
 
 
-def _to_diffusers(path: tuple[str, ...], array: np.ndarray, config: DiTConfig) -> np.ndarray:
+def _to_diffusers(path: tuple[str, ...], array: np.ndarray, config: WanConfig) -> np.ndarray:
   if path == ("patch_embedding", "kernel"):  # [pt*ph*pw*C, dim] -> [dim, C, pt, ph, pw]
     return array.reshape(*config.patch_size, config.in_channels, -1).transpose(4, 3, 0, 1, 2)
   if path[-1] == "kernel":
@@ -115,7 +114,7 @@ def _to_diffusers(path: tuple[str, ...], array: np.ndarray, config: DiTConfig) -
   return array
 
 
-def _from_diffusers(path: tuple[str, ...], array: np.ndarray, config: DiTConfig) -> np.ndarray:
+def _from_diffusers(path: tuple[str, ...], array: np.ndarray, config: WanConfig) -> np.ndarray:
   if path == ("patch_embedding", "kernel"):  # [dim, C, pt, ph, pw] -> [pt*ph*pw*C, dim]
     return array.transpose(2, 3, 4, 1, 0).reshape(-1, array.shape[0])
   if path[-1] == "kernel":
@@ -123,7 +122,7 @@ def _from_diffusers(path: tuple[str, ...], array: np.ndarray, config: DiTConfig)
   return array
 
 
-def _diffusers_shape(path: tuple[str, ...], shape: tuple[int, ...], config: DiTConfig):
+def _diffusers_shape(path: tuple[str, ...], shape: tuple[int, ...], config: WanConfig):
   if path == ("patch_embedding", "kernel"):
     return (shape[1], config.in_channels, *config.patch_size)
   if path[-1] == "kernel":
@@ -131,11 +130,11 @@ def _diffusers_shape(path: tuple[str, ...], shape: tuple[int, ...], config: DiTC
   return tuple(shape)
 
 
-def _loop_layout_shapes(config: DiTConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+def _loop_layout_shapes(config: WanConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
   return traverse_util.flatten_dict(param_shapes(dataclasses.replace(config, scan_layers=False)))
 
 
-def _read_params(config: DiTConfig, read: Callable[[tuple[str, ...]], np.ndarray]):
+def _read_params(config: WanConfig, read: Callable[[tuple[str, ...]], np.ndarray]):
   """Builds params in config's layout and param_dtype from `read(loop_layout_path)`.
 
   Each tensor is cast as it is read and scanned layers are written straight into
@@ -165,34 +164,31 @@ def _transformer_dir(path: Path) -> Path:
   return path
 
 
-def load_diffusers_transformer(path, **overrides) -> tuple[DiTConfig, Any]:
+def load_diffusers_transformer(path, **overrides) -> tuple[WanConfig, Any]:
   """Reads a diffusers `WanTransformer3DModel` folder (or a pipeline folder with a
   transformer/ subfolder). overrides set our own config fields (dtype,
   param_dtype, scan_layers, remat). Returns (config, params) with params in
   config.param_dtype and in the layer layout config.scan_layers asks for."""
   folder = _transformer_dir(Path(path))
-  config = DiTConfig.from_diffusers_config(json.loads((folder / CONFIG_NAME).read_text()),
-                                           **overrides)
+  config = WanConfig.from_diffusers_config(read_json(folder / CONFIG_NAME), **overrides)
   shapes = _loop_layout_shapes(config)
   names = {_diffusers_name(p): p for p in shapes}
   files = weight_files(folder, WEIGHTS_NAME, INDEX_NAME)
   found = [n for n in files if not any(ignored in n for ignored in _IGNORED_UNEXPECTED)]
   check_names(names, found, str(folder))
 
-  with contextlib.ExitStack() as stack:
-    handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in set(files.values())}
+  with open_tensors(files) as tensors:
     for name, p in names.items():  # all shapes first: fail before reading any data
-      check_shape(name, _diffusers_shape(p, shapes[p].shape, config),
-                   handles[files[name]].get_slice(name).get_shape(), str(files[name]))
+      check_shape(name, _diffusers_shape(p, shapes[p].shape, config), tensors.shape(name),
+                  tensors.where(name))
 
     def read(p):
-      name = _diffusers_name(p)
-      return _from_diffusers(p, handles[files[name]].get_tensor(name), config)
+      return _from_diffusers(p, tensors.get(_diffusers_name(p)), config)
 
     return config, _read_params(config, read)
 
 
-def _check_params(config: DiTConfig, params, where: str) -> dict[tuple[str, ...], Any]:
+def _check_params(config: WanConfig, params, where: str) -> dict[tuple[str, ...], Any]:
   """params (either layout) -> flat loop layout on the host (layers are views of the
   stacked arrays), validated against the config."""
   params = jax.tree.map(np.asarray, params)
@@ -205,7 +201,7 @@ def _check_params(config: DiTConfig, params, where: str) -> dict[tuple[str, ...]
   return flat
 
 
-def save_diffusers_transformer(config: DiTConfig, params, path, *,
+def save_diffusers_transformer(config: WanConfig, params, path, *,
                                max_shard_size: int = 10 * 2**30) -> None:
   """Writes config.json and the weights as diffusers lays them out, sharded (with
   an index json) when they exceed max_shard_size bytes. Weights keep their dtype."""
@@ -248,7 +244,7 @@ def _checkpoint_paths(path) -> tuple[Path, Path]:
   return path, path.with_suffix(".json")
 
 
-def save_params(config: DiTConfig, params, path) -> None:
+def save_params(config: WanConfig, params, path) -> None:
   """Writes params as path (safetensors, flat dotted keys, loop layout) and the
   config as the .json file beside it."""
   weights, config_file = _checkpoint_paths(path)
@@ -259,14 +255,14 @@ def save_params(config: DiTConfig, params, path) -> None:
   config_file.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
-def load_params(path, **overrides) -> tuple[DiTConfig, Any]:
+def load_params(path, **overrides) -> tuple[WanConfig, Any]:
   """Reads a `save_params` checkpoint; overrides replace config fields (e.g.
   scan_layers, dtype). Returns (config, params) in config.param_dtype and layout."""
   weights, config_file = _checkpoint_paths(path)
   for file in (weights, config_file):
     if not file.exists():
       raise FileNotFoundError(f"checkpoint file {str(file)!r} does not exist")
-  config = DiTConfig.from_dict(json.loads(config_file.read_text()), **overrides)
+  config = WanConfig.from_dict(json.loads(config_file.read_text()), **overrides)
   shapes = {".".join(p): s.shape for p, s in _loop_layout_shapes(config).items()}
   with safe_open(weights, framework="np") as f:
     check_names(shapes, f.keys(), str(weights))

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from models import rope
+from models.wan import rope
 
 GRIDS_AND_DIMS = [((3, 4, 5), 12), ((2, 3, 2), 32), ((4, 2, 6), 128)]
 IDS = [f"grid={'x'.join(map(str, g))}_{head_dim=}" for g, head_dim in GRIDS_AND_DIMS]

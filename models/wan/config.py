@@ -1,4 +1,4 @@
-"""`DiTConfig`: the shape of a Wan-style video DiT, validated at construction.
+"""`WanConfig`: the shape of a Wan-style video DiT, validated at construction.
 
 Field names follow our model; `from_diffusers_config` / `to_diffusers_config`
 translate to and from diffusers' `WanTransformer3DModel` config.json.
@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+
+from models.weights import parse_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 QK_NORMS = ("rms_norm_across_heads",)
@@ -47,12 +49,12 @@ def _dtype(name: str, value: Any) -> np.dtype:
   except TypeError:
     dtype = None
   if dtype is None or dtype.name not in DTYPES:
-    raise ValueError(f"DiTConfig.{name} must be one of {DTYPES}, got {value!r}")
+    raise ValueError(f"WanConfig.{name} must be one of {DTYPES}, got {value!r}")
   return dtype
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class WanConfig:
   """A Wan2.1-style DiT. Sizes are in latent units (after the VAE).
 
   dtype is the compute dtype (bfloat16 on accelerators), param_dtype the
@@ -84,54 +86,54 @@ class DiTConfig:
                  "text_dim", "freq_dim", "rope_max_seq_len"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+        raise ValueError(f"WanConfig.{name} must be a positive int, got {value!r}")
       object.__setattr__(self, name, int(value))
     patch = tuple(self.patch_size)
     if len(patch) != 3 or not all(isinstance(p, (int, np.integer)) and p >= 1 for p in patch):
       raise ValueError(
-          f"DiTConfig.patch_size must be three positive ints (t, h, w), got {self.patch_size!r}")
+          f"WanConfig.patch_size must be three positive ints (t, h, w), got {self.patch_size!r}")
     object.__setattr__(self, "patch_size", tuple(int(p) for p in patch))
     if self.dim % self.num_heads:
       raise ValueError(
-          f"DiTConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+          f"WanConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
     head_dim = self.dim // self.num_heads
     # Wan's 3D RoPE gives 2 * (head_dim // 6) channels to each of h and w and
     # the rest to t; every axis needs at least one rotation pair.
     if head_dim % 2 or head_dim < 6:
       raise ValueError(
-          f"DiTConfig head_dim = dim // num_heads must be even and >= 6 for the 3D RoPE, "
+          f"WanConfig head_dim = dim // num_heads must be even and >= 6 for the 3D RoPE, "
           f"got {head_dim} (dim={self.dim}, num_heads={self.num_heads})")
     if self.freq_dim % 2:
-      raise ValueError(f"DiTConfig.freq_dim must be even, got {self.freq_dim}")
+      raise ValueError(f"WanConfig.freq_dim must be even, got {self.freq_dim}")
     if not isinstance(self.eps, (float, int)) or not self.eps > 0:
-      raise ValueError(f"DiTConfig.eps must be a float > 0, got {self.eps!r}")
+      raise ValueError(f"WanConfig.eps must be a float > 0, got {self.eps!r}")
     object.__setattr__(self, "eps", float(self.eps))
     if self.qk_norm not in QK_NORMS:
-      raise ValueError(f"DiTConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+      raise ValueError(f"WanConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
     for name in ("cross_attn_norm", "scan_layers", "remat"):
       if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"DiTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        raise ValueError(f"WanConfig.{name} must be a bool, got {getattr(self, name)!r}")
     object.__setattr__(self, "param_dtype", _dtype("param_dtype", self.param_dtype))
     object.__setattr__(self, "dtype", _dtype("dtype", self.dtype))
 
   # ---------------------------------------------------------------- presets
 
   @classmethod
-  def tiny(cls, **overrides) -> DiTConfig:
+  def tiny(cls, **overrides) -> WanConfig:
     """Two small layers: a CPU-fast stand-in with every component of the real model."""
     return cls(**{**dict(in_channels=4, out_channels=4, dim=64, ffn_dim=128, num_heads=2,
                          num_layers=2, text_dim=32),
                   **overrides})
 
   @classmethod
-  def wan2_1_1_3b(cls, **overrides) -> DiTConfig:
+  def wan2_1_1_3b(cls, **overrides) -> WanConfig:
     """Wan2.1-T2V-1.3B."""
     return cls(**{**dict(in_channels=16, out_channels=16, dim=1536, ffn_dim=8960, num_heads=12,
                          num_layers=30, text_dim=4096, dtype="bfloat16"),
                   **overrides})
 
   @classmethod
-  def wan2_1_14b(cls, **overrides) -> DiTConfig:
+  def wan2_1_14b(cls, **overrides) -> WanConfig:
     """Wan2.1-T2V-14B."""
     return cls(**{**dict(in_channels=16, out_channels=16, dim=5120, ffn_dim=13824, num_heads=40,
                          num_layers=40, text_dim=4096, dtype="bfloat16"),
@@ -171,19 +173,11 @@ class DiTConfig:
   # ------------------------------------------------------------- diffusers
 
   @classmethod
-  def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> DiTConfig:
+  def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> WanConfig:
     """From a `WanTransformer3DModel` config.json dict; overrides set our own fields
     (dtype, param_dtype, scan_layers, remat)."""
-    cfg = dict(_DIFFUSERS_DEFAULTS)
-    for key, value in config.items():
-      if key.startswith("_"):  # _class_name, _diffusers_version, _name_or_path: bookkeeping
-        if key == "_class_name" and value != _DIFFUSERS_CLASS:
-          raise ValueError(f"config _class_name must be {_DIFFUSERS_CLASS!r}, got {value!r}")
-        continue
-      if key not in _DIFFUSERS_DEFAULTS:
-        raise ValueError(
-            f"unknown diffusers config key {key!r}; known keys: {sorted(_DIFFUSERS_DEFAULTS)}")
-      cfg[key] = value
+    cfg = parse_config(config, _DIFFUSERS_DEFAULTS, where="diffusers transformer config",
+                       class_names=(_DIFFUSERS_CLASS,))
     for key in _UNSUPPORTED_DIFFUSERS_KEYS:
       if cfg[key] is not None:
         raise ValueError(
@@ -241,9 +235,9 @@ class DiTConfig:
     return out
 
   @classmethod
-  def from_dict(cls, fields: Mapping[str, Any], **overrides) -> DiTConfig:
+  def from_dict(cls, fields: Mapping[str, Any], **overrides) -> WanConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-      raise ValueError(f"unknown DiTConfig fields {unknown}; known fields: {sorted(known)}")
+      raise ValueError(f"unknown WanConfig fields {unknown}; known fields: {sorted(known)}")
     return cls(**{**fields, **overrides})

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import demo_data as dd
+from models.demo import data as dd
 
 F, H, W = 8, 24, 24
 

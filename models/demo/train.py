@@ -1,10 +1,10 @@
 """Train the demo DiT: a small Wan-style model on procedural videos, in pixel space.
 
-    python -m models.train --out DIR --minutes 8
+    python -m models.demo.train --out DIR --minutes 8
 
 Runs until --minutes of wall time (from process start, compile included) or
---total-steps, then checkpoints, exports the EMA params and renders a few
-samples. Re-running with the same --out resumes from DIR (params, EMA, optimizer
+--total-steps, then checkpoints and exports the EMA params (render samples of
+the export with `python -m modjax sample --model DIR/demo.safetensors`). Re-running with the same --out resumes from DIR (params, EMA, optimizer
 state, step, rng, loss curve); the saved training config wins over the flags,
 except --total-steps (to extend a run) and the time budget. So a long run is a
 chain of short jobs.
@@ -21,15 +21,14 @@ The "text" condition is a learned table: label -> [TEXT_LEN, TEXT_DIM] tokens,
 stored beside the DiT params: params = {"dit": ..., "label_embedding":
 [NUM_CLASSES + 1, TEXT_LEN, TEXT_DIM]} (last row: the null label).
 
-DIR holds (flat, at most 9 files, each < 16 MiB, so it can travel to and from the
+DIR holds (flat, at most 8 files, each < 16 MiB, so it can travel to and from the
 GPU machine; see --checkpoint-format):
   meta.json, state-<step>-<i>.npz     the train state (resume needs these + loss.json)
   loss.json (+ loss.png with matplotlib)
-  demo.safetensors + demo.json         EMA DiT in bf16, `models.save_params` format
+  demo.safetensors + demo.json         EMA DiT in bf16 (`models.demo.checkpoint`)
   demo_labels.safetensors              the label table in bf16, the demo's sizes and
                                        sampling defaults as metadata
-  samples.png                          preview videos (rows), frames left to right
-Ship: copy demo.safetensors, demo.json, demo_labels.safetensors to models/checkpoints/.
+Ship: copy demo.safetensors, demo.json, demo_labels.safetensors to models/demo/checkpoints/.
 """
 
 from __future__ import annotations
@@ -40,10 +39,8 @@ import functools
 import json
 import os
 import signal
-import struct as pystruct
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,35 +50,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct, traverse_util
+from flax import struct
 
-import models
-from models import demo_data
-from models.config import DiTConfig
+from models import wan
+from models.demo import checkpoint, data
+from models.demo.checkpoint import NULL_LABEL, NUM_CLASSES, TEXT_DIM, TEXT_LEN, label_context
+from models.wan import WanConfig
 
-NUM_CLASSES = demo_data.NUM_CLASSES
-NULL_LABEL = NUM_CLASSES
-TEXT_LEN = 4
-TEXT_DIM = 64
 DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH = 16, 32, 32
-# Sampling defaults of the shipped model (modjax.pipeline reads them from the checkpoint).
-DEMO_SAMPLING = dict(num_inference_steps=25, guidance_scale=4.0, shift=2.0, block_size=128)
-LABELS_FILE = "demo_labels.safetensors"
 
 
-def demo_config(**overrides) -> DiTConfig:
+def demo_config(**overrides) -> WanConfig:
   """The demo DiT: pixel space (3 channels), patch (1, 2, 2), 6 layers of dim 128,
   2 heads of 64. At 16 x 32 x 32 pixels that is 16 * 16 * 16 = 4096 tokens
   (32 blocks of 128 / 64 blocks of 64 per side), ~1.8M params (3.5 MB in bf16)."""
-  return DiTConfig(**{**dict(in_channels=3, out_channels=3, dim=128, ffn_dim=512, num_heads=2,
+  return WanConfig(**{**dict(in_channels=3, out_channels=3, dim=128, ffn_dim=512, num_heads=2,
                              num_layers=6, text_dim=TEXT_DIM, patch_size=(1, 2, 2),
                              freq_dim=256),
                       **overrides})
 
 
-def tiny_config(**overrides) -> DiTConfig:
+def tiny_config(**overrides) -> WanConfig:
   """A CPU-fast stand-in for tests and smoke runs."""
-  return DiTConfig(**{**dict(in_channels=3, out_channels=3, dim=32, ffn_dim=64, num_heads=2,
+  return WanConfig(**{**dict(in_channels=3, out_channels=3, dim=32, ffn_dim=64, num_heads=2,
                              num_layers=2, text_dim=16, patch_size=(1, 2, 2), freq_dim=32),
                       **overrides})
 
@@ -91,21 +82,15 @@ CONFIGS = {"demo": demo_config, "tiny": tiny_config}
 
 # -------------------------------------------------------------- conditioning
 
-def init_demo_params(config: DiTConfig, rng, frames: int, height: int, width: int,
+def init_demo_params(config: WanConfig, rng, frames: int, height: int, width: int,
                      text_len: int = TEXT_LEN):
   """{"dit": DiT params, "label_embedding": float32 [NUM_CLASSES + 1, text_len, text_dim]}."""
   k_dit, k_label = jax.random.split(rng)
-  dit = models.init_params(config, k_dit, frames, height, width, text_len)
+  dit = wan.init_params(config, k_dit, frames, height, width, text_len)
   # Zero-init the output projection (as DiT's adaLN-Zero): the model starts at v = 0.
   dit["proj_out"] = jax.tree.map(jnp.zeros_like, dit["proj_out"])
   table = jax.random.normal(k_label, (NUM_CLASSES + 1, text_len, config.text_dim), jnp.float32)
   return {"dit": dit, "label_embedding": table}
-
-
-def label_context(params, labels):
-  """Context tokens float32 [B, text_len, text_dim] of int labels [B] (NULL_LABEL for
-  the unconditional branch of classifier-free guidance)."""
-  return jnp.take(params["label_embedding"], labels, axis=0).astype(jnp.float32)
 
 
 # ------------------------------------------------------------- flow matching
@@ -142,7 +127,7 @@ class TrainConfig:
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
 
-  def dit_config(self) -> DiTConfig:
+  def dit_config(self) -> WanConfig:
     return CONFIGS[self.model](dtype=self.dtype)
 
 
@@ -153,12 +138,12 @@ def sample_t(key, batch: int, tc: TrainConfig):
   return jax.nn.sigmoid(tc.logit_mean + tc.logit_std * jax.random.normal(key, (batch,)))
 
 
-def flow_matching_loss(config: DiTConfig, params, videos, labels, t, noise):
+def flow_matching_loss(config: WanConfig, params, videos, labels, t, noise):
   """Mean squared velocity error at noise levels t [B] (no label dropout here)."""
   tt = t[:, None, None, None, None]
   x_t = (1.0 - tt) * videos + tt * noise
   target = noise - videos
-  velocity, _ = models.apply(config, params["dit"], x_t, 1000.0 * t,
+  velocity, _ = wan.apply(config, params["dit"], x_t, 1000.0 * t,
                              label_context(params, labels))
   return jnp.mean(jnp.square(velocity.astype(jnp.float32) - target))
 
@@ -232,7 +217,7 @@ def train_step(tc: TrainConfig, state: TrainState):
   """One step on a fresh batch generated on the device from the state's rng."""
   key = jax.random.wrap_key_data(state.rng)
   key, k_data, k_step = jax.random.split(key, 3)
-  videos, labels = demo_data.sample_batch(k_data, tc.batch_size, tc.frames, tc.height, tc.width)
+  videos, labels = data.sample_batch(k_data, tc.batch_size, tc.frames, tc.height, tc.width)
   state, metrics = _update(tc, state, videos, labels, k_step)
   return dataclasses.replace(state, rng=jax.random.key_data(key)), metrics
 
@@ -250,60 +235,10 @@ def train_step_on(tc: TrainConfig, state: TrainState, videos, labels):
 def eval_loss(tc: TrainConfig, params, key):
   """Velocity loss on a fixed batch at t stratified over (0, 1): comparable across runs."""
   k_data, k_noise = jax.random.split(key)
-  videos, labels = demo_data.sample_batch(k_data, tc.batch_size, tc.frames, tc.height, tc.width)
+  videos, labels = data.sample_batch(k_data, tc.batch_size, tc.frames, tc.height, tc.width)
   t = (jnp.arange(tc.batch_size, dtype=jnp.float32) + 0.5) / tc.batch_size
   noise = jax.random.normal(k_noise, videos.shape, jnp.float32)
   return flow_matching_loss(tc.dit_config(), params, videos, labels, t, noise)
-
-
-# ------------------------------------------------------------------ sampling
-
-def flow_sigmas(steps: int, shift: float):
-  """Shifted noise levels 1 -> 0, [steps + 1], as FlowMatchEulerDiscreteScheduler."""
-  s = jnp.linspace(1.0, 0.0, steps + 1)
-  return shift * s / (1.0 + (shift - 1.0) * s)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "frames", "height", "width", "steps"))
-def sample(config: DiTConfig, params, labels, key, *, frames: int, height: int, width: int,
-           steps: int = 25, guidance_scale: float = 4.0, shift: float = 2.0):
-  """Euler flow sampler with classifier-free guidance (dense attention): videos
-  float32 [B, 3, F, H, W] in [-1, 1]. A preview for training; modjax has the real one."""
-  batch = labels.shape[0]
-  x = jax.random.normal(key, (batch, config.in_channels, frames, height, width), jnp.float32)
-  context = label_context(params, jnp.concatenate([labels, jnp.full_like(labels, NULL_LABEL)]))
-  sigmas = flow_sigmas(steps, shift)
-
-  def body(x, i):
-    t = jnp.full((2 * batch,), sigmas[i] * 1000.0)
-    v, _ = models.apply(config, params["dit"], jnp.concatenate([x, x]), t, context)
-    v_cond, v_uncond = jnp.split(v.astype(jnp.float32), 2)
-    v = v_uncond + guidance_scale * (v_cond - v_uncond)
-    return x + (sigmas[i + 1] - sigmas[i]) * v, None
-
-  x, _ = jax.lax.scan(body, x, jnp.arange(steps))
-  return jnp.clip(x, -1.0, 1.0)
-
-
-def write_png(path, image: np.ndarray) -> None:
-  """uint8 [H, W, 3] -> PNG, with zlib only (no imaging package needed)."""
-  image = np.ascontiguousarray(image, np.uint8)
-  height, width, _ = image.shape
-  raw = b"".join(b"\x00" + image[r].tobytes() for r in range(height))
-  chunk = lambda kind, data: (pystruct.pack(">I", len(data)) + kind + data
-                              + pystruct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-  Path(path).write_bytes(b"\x89PNG\r\n\x1a\n"
-                         + chunk(b"IHDR", pystruct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                         + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def video_grid(videos: np.ndarray, scale: int = 2) -> np.ndarray:
-  """[B, 3, F, H, W] in [-1, 1] -> uint8 image, one row per video, frames left to right."""
-  v = np.clip((np.asarray(videos, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
-  b, c, f, h, w = v.shape
-  v = np.pad(v, ((0, 0), (0, 0), (0, 0), (0, 1), (0, 1)), constant_values=255)
-  grid = v.transpose(0, 3, 2, 4, 1).reshape(b * (h + 1), f * (w + 1), c)
-  return np.repeat(np.repeat(grid, scale, 0), scale, 1)
 
 
 # ------------------------------------------------------------- checkpointing
@@ -441,131 +376,10 @@ def plot_history(out: Path, history: dict) -> None:
   plt.close(fig)
 
 
-# -------------------------------------------------------------------- export
-
-_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32"}
-
-
-def _write_safetensors(path: Path, tensors: dict, metadata: Optional[dict] = None) -> None:
-  """Minimal safetensors writer (the format: u64 header size, json header, raw bytes),
-  so the export works where the safetensors package is missing."""
-  header, offset, blobs = {}, 0, []
-  for name in sorted(tensors):
-    array = np.ascontiguousarray(tensors[name])
-    data = array.tobytes()
-    header[name] = {"dtype": _ST_DTYPES[array.dtype.name], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + len(data)]}
-    offset += len(data)
-    blobs.append(data)
-  if metadata:
-    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-  encoded = json.dumps(header, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)
-  with open(path, "wb") as f:
-    f.write(pystruct.pack("<Q", len(encoded)) + encoded)
-    for blob in blobs:
-      f.write(blob)
-
-
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
-  """(tensors as numpy, metadata) of a safetensors file (see _write_safetensors)."""
-  import ml_dtypes
-  dtypes = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "I32": np.int32}
-  raw = Path(path).read_bytes()
-  (size,) = pystruct.unpack("<Q", raw[:8])
-  header = json.loads(raw[8:8 + size])
-  metadata = header.pop("__metadata__", {})
-  base = 8 + size
-  tensors = {name: np.frombuffer(raw[base + s:base + e], dtypes[h["dtype"]]).reshape(h["shape"])
-             for name, h in header.items() for s, e in [h["data_offsets"]]}
-  return tensors, metadata
-
-
-def _unstacked(config: DiTConfig, params) -> dict:
-  """Flat {dotted name: array} in the loop layout (blocks_i.*), as models.save_params."""
-  flat = traverse_util.flatten_dict(params)
-  out = {}
-  for path, leaf in flat.items():
-    if config.scan_layers and path[0] == "blocks":
-      for i in range(config.num_layers):
-        out[".".join((f"blocks_{i}",) + path[1:])] = np.asarray(leaf[i])
-    else:
-      out[".".join(path)] = np.asarray(leaf)
-  return out
-
-
-def export_demo(path, config: DiTConfig, params, *, frames: int, height: int, width: int,
-                extra_metadata: Optional[dict] = None) -> None:
-  """Ships params = {"dit", "label_embedding"} in bfloat16: path (.safetensors, the DiT in
-  the `models.save_params` format) + its .json config + demo_labels.safetensors beside it."""
-  path = Path(path)
-  if path.suffix != ".safetensors":
-    raise ValueError(f"export path must end in .safetensors, got {str(path)!r}")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  bf16 = lambda tree: jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)), tree)
-  # The shipped config computes in float32 (CPU-safe); load_demo picks bf16 on accelerators.
-  ship_config = dataclasses.replace(config, dtype="float32", param_dtype="float32")
-  dit = bf16(params["dit"])
-  try:
-    from models.loading import save_params
-  except ImportError:  # no safetensors package: same format through our own writer
-    _write_safetensors(path, _unstacked(ship_config, dit))
-    path.with_suffix(".json").write_text(json.dumps(ship_config.to_dict(), indent=2) + "\n")
-  else:
-    save_params(ship_config, dit, path)
-  metadata = {"frames": frames, "height": height, "width": width,
-              "num_classes": NUM_CLASSES, "null_label": NULL_LABEL,
-              "text_len": int(params["label_embedding"].shape[1]),
-              **{k: v for k, v in DEMO_SAMPLING.items()}, **(extra_metadata or {})}
-  _write_safetensors(path.parent / LABELS_FILE,
-                     {"label_embedding": bf16(params["label_embedding"])}, metadata)
-
-
-def load_demo_params(path, **overrides) -> tuple[DiTConfig, dict, dict]:
-  """(config, params {"dit", "label_embedding"} in float32, metadata) of an export."""
-  path = Path(path)
-  labels_file = path.parent / LABELS_FILE
-  if not labels_file.exists():
-    raise FileNotFoundError(f"demo label table {str(labels_file)!r} does not exist")
-  from models.loading import load_params
-  config, dit = load_params(path, **overrides)
-  tensors, metadata = _read_safetensors(labels_file)
-  params = {"dit": dit,
-            "label_embedding": jnp.asarray(tensors["label_embedding"], jnp.float32)}
-  meta = {k: (json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v) for k, v in metadata.items()}
-  return config, params, meta
-
-
-def load_demo(path):
-  """The shipped demo model as a `modjax.pipeline.LoadedModel` (the CLI default)."""
-  from modjax.pipeline import LoadedModel, ModelDefaults
-  dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  config, params, meta = load_demo_params(path, dtype=dtype)
-  defaults = ModelDefaults(frames=int(meta["frames"]), height=int(meta["height"]),
-                           width=int(meta["width"]),
-                           num_inference_steps=int(meta["num_inference_steps"]),
-                           guidance_scale=float(meta["guidance_scale"]),
-                           shift=float(meta["shift"]), block_size=int(meta["block_size"]))
-  table = params["label_embedding"]
-
-  def make_context(batch: int, key, label: Optional[int] = None):
-    if label is None:
-      labels = jax.random.randint(key, (batch,), 0, NUM_CLASSES)
-    else:
-      if not 0 <= int(label) < NUM_CLASSES:
-        raise ValueError(f"label must be in [0, {NUM_CLASSES}), got {label}")
-      labels = jnp.full((batch,), int(label), jnp.int32)
-    ctx = label_context({"label_embedding": table}, labels)
-    neg = label_context({"label_embedding": table}, jnp.full((batch,), NULL_LABEL, jnp.int32))
-    return ctx, neg
-
-  return LoadedModel("demo", config, params["dit"], defaults, make_context, True)
-
-
 # ---------------------------------------------------------------------- main
 
 def _parse(argv):
-  p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m models.demo.train", description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True, help="run folder: checkpoints, logs, export")
   p.add_argument("--minutes", type=float, default=8.0,
                  help="wall-time budget of this process, compile and export included")
@@ -577,7 +391,6 @@ def _parse(argv):
                       "orbax: an orbax folder")
   p.add_argument("--export", default=None,
                  help="path of the exported .safetensors (default DIR/demo.safetensors)")
-  p.add_argument("--num-samples", type=int, default=8, help="preview videos at the end (0: none)")
   defaults = TrainConfig()
   for field in dataclasses.fields(TrainConfig):
     p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
@@ -622,7 +435,7 @@ def main(argv=None) -> int:
   fmt = args.checkpoint_format
   if restored is not None and json.loads((out / "meta.json").read_text())["format"] != fmt:
     fmt = json.loads((out / "meta.json").read_text())["format"]
-  reserve = 20.0 + (60.0 if args.num_samples else 0.0)   # final checkpoint, export, samples
+  reserve = 20.0                                          # final checkpoint and export
   last_ckpt_s = 2.0
   step = start_step = int(state.step)                     # host mirror of state.step
   pending, compiled_at, last_log = [], None, None
@@ -687,27 +500,15 @@ def main(argv=None) -> int:
           f"(after compile, eval and checkpoints included)", flush=True)
 
   export = Path(args.export) if args.export else out / "demo.safetensors"
-  export_demo(export, config, state.ema, frames=tc.frames, height=tc.height, width=tc.width,
-              extra_metadata={"train_step": step, "eval_loss": history["eval_loss"][-1]})
-  print(f"exported EMA params (bf16) to {export} (+ .json, {LABELS_FILE}): "
+  checkpoint.export_demo(export, config, state.ema, frames=tc.frames, height=tc.height,
+                         width=tc.width,
+                         extra_metadata={"train_step": step,
+                                         "eval_loss": history["eval_loss"][-1]})
+  print(f"exported EMA params (bf16) to {export} (+ .json, {checkpoint.LABELS_FILE}): "
         f"{os.path.getsize(export) / 1e6:.2f} MB", flush=True)
-
-  if args.num_samples and time.time() - _T0 < budget - 15:
-    labels = jnp.arange(args.num_samples, dtype=jnp.int32) * 5 % NUM_CLASSES
-    t = time.time()
-    sample_config = config
-    if jax.default_backend() == "cpu":  # bf16 matmuls are slow on CPU
-      sample_config = dataclasses.replace(config, dtype="float32")
-    videos = sample(sample_config, state.ema, labels, jax.random.key(0), frames=tc.frames,
-                    height=tc.height, width=tc.width, steps=DEMO_SAMPLING["num_inference_steps"],
-                    guidance_scale=DEMO_SAMPLING["guidance_scale"], shift=DEMO_SAMPLING["shift"])
-    videos = np.asarray(videos)
-    write_png(out / "samples.png", video_grid(videos))
-    print(f"samples ({time.time() - t:.1f}s): {out / 'samples.png'}; labels "
-          + "; ".join(f"{int(l)}={demo_data.describe_label(int(l))}" for l in labels), flush=True)
   files = sorted(p.name for p in out.iterdir() if p.is_file())
   print(f"{out}: {' '.join(files)}\n  resume needs meta.json loss.json state-*.npz; ship "
-        f"{export.name} {export.with_suffix('.json').name} {LABELS_FILE}", flush=True)
+        f"{export.name} {export.with_suffix('.json').name} {checkpoint.LABELS_FILE}", flush=True)
   print(f"done in {time.time() - _T0:.0f}s", flush=True)
   return 0
 

@@ -7,13 +7,14 @@ the residual stream and the matrix products run in `config.dtype`, while
 LayerNorms, QK RMSNorms, the time embedder, the adaLN modulation and the gated
 residual adds run in float32.
 
-Self-attention is delegated to `models.attention.self_attention` with one
-layer's slice of an `AttentionControl`; its per-layer statistics come back
-stacked on a leading layer axis.
+Attention goes through `models.attention` with one layer's slice of the
+control the caller handed in (dense without one); the per-layer statistics of
+self-attention come back stacked on a leading layer axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -22,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from models import attention
-from models.config import DiTConfig
-from models.rope import apply_rope, rope_tables
+from models.family import AttentionLayout
+from models.wan.config import WanConfig
+from models.wan.rope import apply_rope, rope_tables
 
 f32 = jnp.float32
 
@@ -113,7 +115,7 @@ def _gelu_tanh(x):
 
 class WanConditionEmbedder(nn.Module):
   """Timestep -> (temb [B, dim], modulation [B, 6, dim]); text -> context [B, L, dim]."""
-  config: DiTConfig
+  config: WanConfig
 
   @nn.compact
   def __call__(self, timestep, text):
@@ -129,9 +131,9 @@ class WanConditionEmbedder(nn.Module):
 
 
 class WanAttention(nn.Module):
-  """Self-attention (with RoPE, through `models.attention.self_attention`) when
-  context is None, else cross-attention to the context. QK RMSNorm across heads."""
-  config: DiTConfig
+  """Self-attention (with RoPE) when context is None, else cross-attention to the
+  context; both through `models.attention` and the control. QK RMSNorm across heads."""
+  config: WanConfig
 
   @nn.compact
   def __call__(self, x, context=None, rope=None, control=None):
@@ -147,15 +149,14 @@ class WanAttention(nn.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
       out, stats = attention.self_attention(q, k, v, control)
     else:
-      implementation = control.implementation if control is not None else None
-      out, stats = attention.dense_attention(q, k, v, implementation=implementation), {}
+      out, stats = attention.cross_attention(q, k, v, control), {}
     out = out.reshape(*x.shape[:2], cfg.dim)
     return dense("to_out")(out), stats
 
 
 class FeedForward(nn.Module):
   """proj_in -> GELU(tanh) -> proj_out (diffusers' ffn.net.0.proj / ffn.net.2)."""
-  config: DiTConfig
+  config: WanConfig
 
   @nn.compact
   def __call__(self, x):
@@ -171,7 +172,7 @@ def _table_init(dim):
 
 class WanTransformerBlock(nn.Module):
   """adaLN-modulated self-attention, cross-attention and FFN. Returns (x, stats)."""
-  config: DiTConfig
+  config: WanConfig
 
   @nn.compact
   def __call__(self, x, context, modulation, rope, control):
@@ -187,7 +188,7 @@ class WanTransformerBlock(nn.Module):
     h = x
     if cfg.cross_attn_norm:
       h = FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype, name="norm2")(x)
-    out, _ = WanAttention(cfg, name="attn2")(h.astype(cfg.dtype), context=context)
+    out, _ = WanAttention(cfg, name="attn2")(h.astype(cfg.dtype), context=context, control=control)
     x = x + out
 
     h = FP32LayerNorm(cfg.eps, name="norm3")(x) * (1 + c_scale) + c_shift
@@ -215,11 +216,11 @@ class WanDiT(nn.Module):
   config.dtype and the per-layer attention statistics stacked [L, ...]
   (an empty dict for dense attention).
   """
-  config: DiTConfig
+  config: WanConfig
 
   @nn.compact
   def __call__(self, latents, timestep, context,
-               control: Optional[attention.AttentionControl] = None):
+               control: Optional[attention.AttentionHook] = None):
     cfg = self.config
     if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
       raise ValueError(
@@ -274,12 +275,12 @@ class WanDiT(nn.Module):
 
 # --------------------------------------------------------------- functional
 
-def _dummy_inputs(config: DiTConfig, frames: int, height: int, width: int, text_len: int):
+def _dummy_inputs(config: WanConfig, frames: int, height: int, width: int, text_len: int):
   latents = jnp.zeros((1, config.in_channels, frames, height, width), config.dtype)
   return latents, jnp.zeros((1,), f32), jnp.zeros((1, text_len, config.text_dim), config.dtype)
 
 
-def init_params(config: DiTConfig, rng: jax.Array, frames: int, height: int, width: int,
+def init_params(config: WanConfig, rng: jax.Array, frames: int, height: int, width: int,
                 text_len: int):
   """Randomly initialised params for latents [*, C, frames, height, width] and
   text [*, text_len, text_dim] (the params themselves do not depend on the sizes)."""
@@ -287,14 +288,46 @@ def init_params(config: DiTConfig, rng: jax.Array, frames: int, height: int, wid
   return jax.jit(WanDiT(config).init)(rng, *inputs)["params"]
 
 
-def param_shapes(config: DiTConfig):
+def param_shapes(config: WanConfig):
   """The params pytree as `jax.ShapeDtypeStruct`s, without allocating anything."""
   pt, ph, pw = config.patch_size
   inputs = _dummy_inputs(config, pt, ph, pw, 1)
   return jax.eval_shape(WanDiT(config).init, jax.random.key(0), *inputs)["params"]
 
 
-def apply(config: DiTConfig, params, latents, timestep, context,
-          control: Optional[attention.AttentionControl] = None):
+def apply(config: WanConfig, params, latents, timestep, context,
+          control: Optional[attention.AttentionHook] = None):
   """Pure forward: returns (velocity [B, C_out, F, H, W], stats stacked [L, ...])."""
   return WanDiT(config).apply({"params": params}, latents, timestep, context, control)
+
+
+# ------------------------------------------------------------------- family
+
+@dataclasses.dataclass(frozen=True)
+class WanFamily:
+  """Wan2.1 behind the `models.family.Family` protocol: self-attention over the
+  video tokens alone (text enters through cross-attention), velocity output."""
+  config: WanConfig
+  name: str = "wan"
+
+  @property
+  def latent_channels(self) -> int:
+    return self.config.in_channels
+
+  @property
+  def dtype(self):
+    return self.config.dtype
+
+  def check_latent_size(self, frames: int, height: int, width: int) -> None:
+    self.config.grid(frames, height, width)
+
+  def attention_layout(self, frames: int, height: int, width: int) -> AttentionLayout:
+    cfg = self.config
+    tokens = cfg.tokens(frames, height, width)
+    return AttentionLayout(num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                           head_dim=cfg.head_dim, seq_len=tokens, video_start=0,
+                           video_tokens=tokens,
+                           tokens_per_frame=cfg.tokens_per_frame(height, width))
+
+  def apply(self, params, latents, timestep, context, control=None):
+    return apply(self.config, params, latents, timestep, context, control)

@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
-import models
-from models import DiTConfig, attention
+from models import wan
+from models.wan import WanConfig
+from models import attention
 from tests.models.helpers import random_params
 
-CFG = DiTConfig.tiny()
+CFG = WanConfig.tiny()
 B, F, H, W, TEXT_LEN = 2, 2, 4, 6, 5
 
 
@@ -38,7 +40,7 @@ def inputs():
 @functools.cache
 def _forward(config):
   """One compiled dense forward per config, shared by the tests."""
-  return jax.jit(lambda p, x, t, c, control=None: models.apply(config, p, x, t, c, control))
+  return jax.jit(lambda p, x, t, c, control=None: wan.apply(config, p, x, t, c, control))
 
 
 @pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2), (1, 1, 3)],
@@ -46,9 +48,9 @@ def _forward(config):
 def test_patchify_unpatchify_round_trip(patch_size):
   x = np.random.default_rng(0).standard_normal((2, 3, 4, 6, 6))  # numpy: no op compiles
   grid = tuple(n // p for n, p in zip(x.shape[2:], patch_size))
-  tokens = models.patchify(x, patch_size)
+  tokens = wan.patchify(x, patch_size)
   chex.assert_shape(tokens, (2, np.prod(grid), np.prod(patch_size) * 3))
-  chex.assert_trees_all_equal(models.unpatchify(tokens, patch_size, grid), x)
+  chex.assert_trees_all_equal(wan.unpatchify(tokens, patch_size, grid), x)
   # Token order is frame-major, then row, then column; a token holds its own patch.
   pt, ph, pw = patch_size
   t, h, w = grid[0] - 1, grid[1] - 1, 0
@@ -66,9 +68,9 @@ def test_output_shape_dtype_and_empty_dense_stats(params, inputs):
 
 
 def test_init_params_matches_param_shapes():
-  config = DiTConfig.tiny(num_layers=1)
-  params = models.init_params(config, jax.random.key(0), F, H, W, TEXT_LEN)
-  chex.assert_trees_all_equal_shapes_and_dtypes(params, models.param_shapes(config))
+  config = WanConfig.tiny(num_layers=1)
+  params = wan.init_params(config, jax.random.key(0), F, H, W, TEXT_LEN)
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, wan.param_shapes(config))
   table = params["blocks"]["scale_shift_table"]
   assert float(jnp.std(table)) > 0.5 * config.dim ** -0.5  # random, as in diffusers
 
@@ -77,8 +79,8 @@ def test_init_params_matches_param_shapes():
 def test_loop_layers_equal_scanned_layers(params, inputs, remat):
   scanned, _ = _forward(CFG)(params, *inputs)
   loop_cfg = dataclasses.replace(CFG, scan_layers=False, remat=remat)
-  loop_params = models.unstack_blocks(params, CFG.num_layers)
-  chex.assert_trees_all_equal_shapes_and_dtypes(loop_params, models.param_shapes(loop_cfg))
+  loop_params = wan.unstack_blocks(params, CFG.num_layers)
+  chex.assert_trees_all_equal_shapes_and_dtypes(loop_params, wan.param_shapes(loop_cfg))
   looped, _ = _forward(loop_cfg)(loop_params, *inputs)
   chex.assert_trees_all_close(looped, scanned, atol=1e-5, rtol=1e-5)
 
@@ -86,37 +88,44 @@ def test_loop_layers_equal_scanned_layers(params, inputs, remat):
 @pytest.mark.slow
 def test_remat_scanned_gradients_match(params, inputs):
   def loss(config):
-    return lambda p: jnp.mean(models.apply(config, p, *inputs)[0] ** 2)
+    return lambda p: jnp.mean(wan.apply(config, p, *inputs)[0] ** 2)
   g_plain = jax.jit(jax.grad(loss(CFG)))(params)
   g_remat = jax.jit(jax.grad(loss(dataclasses.replace(CFG, remat=True))))(params)
   chex.assert_trees_all_close(g_remat, g_plain, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=lambda s: f"{s=}")
-def test_control_is_sliced_per_layer_and_stats_stack(params, inputs, monkeypatch, scan_layers):
-  """Each layer's self_attention sees its own [B, H, n, n] mask; stats come back [L, ...]."""
-  config = dataclasses.replace(CFG, scan_layers=scan_layers)
-  p = params if scan_layers else models.unstack_blocks(params, CFG.num_layers)
-  dense, _ = _forward(config)(p, *inputs)
-  seen_shapes = []
+@struct.dataclass
+class _RecordingHook:
+  """A minimal `models.attention.AttentionHook`: dense attention, and stats that
+  show which slice of the control each layer saw."""
+  block_mask: jax.Array
 
-  def fake_self_attention(q, k, v, control):
-    seen_shapes.append(control.block_mask.shape)
+  def self_attention(self, q, k, v):
     out = attention.dense_attention(q, k, v)
-    return out, {"mask_sum": control.block_mask.sum(axis=(-2, -1)).astype(jnp.float32),
+    return out, {"mask_sum": self.block_mask.sum(axis=(-2, -1)).astype(jnp.float32),
+                 "mask_shape": jnp.asarray(self.block_mask.shape),
                  "q_norm": jnp.linalg.norm(q.astype(jnp.float32))}
 
-  monkeypatch.setattr(attention, "self_attention", fake_self_attention)
+  def cross_attention(self, q, k, v):
+    return attention.dense_attention(q, k, v)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=lambda s: f"{s=}")
+def test_control_is_sliced_per_layer_and_stats_stack(params, inputs, scan_layers):
+  """Each layer's hook sees its own [B, H, n, n] slice; stats come back [L, ...]."""
+  config = dataclasses.replace(CFG, scan_layers=scan_layers)
+  p = params if scan_layers else wan.unstack_blocks(params, CFG.num_layers)
+  dense, _ = _forward(config)(p, *inputs)
   n = 3
   mask = np.random.default_rng(7).random((CFG.num_layers, B, CFG.num_heads, n, n)) < 0.5
-  control = models.AttentionControl(block_mask=mask, mode="sparse")
-  forward = jax.jit(lambda p, x, t, c, control: models.apply(config, p, x, t, c, control))
-  out, stats = forward(p, *inputs, control)
-  assert all(s == (B, CFG.num_heads, n, n) for s in seen_shapes)
+  forward = jax.jit(lambda p, x, t, c, control: wan.apply(config, p, x, t, c, control))
+  out, stats = forward(p, *inputs, _RecordingHook(jnp.asarray(mask)))
+  chex.assert_trees_all_equal(stats["mask_shape"],
+                              np.tile([B, CFG.num_heads, n, n], (CFG.num_layers, 1)))
   chex.assert_shape(stats["mask_sum"], (CFG.num_layers, B, CFG.num_heads))
   chex.assert_shape(stats["q_norm"], (CFG.num_layers,))
   chex.assert_trees_all_equal(stats["mask_sum"], mask.sum(axis=(-2, -1)).astype(np.float32))
-  # The fake is dense attention, so the velocity equals the dense model's.
+  # The hook is dense attention, so the velocity equals the dense model's.
   chex.assert_trees_all_close(out, dense, atol=1e-6, rtol=1e-6)
 
 
@@ -134,7 +143,7 @@ def test_compiles_once_across_calls(params, inputs):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(p, x, t, c):
-    return models.apply(CFG, p, x, t, c)[0]
+    return wan.apply(CFG, p, x, t, c)[0]
 
   latents, timestep, context = inputs
   for i in range(3):
@@ -159,25 +168,24 @@ def test_bad_inputs_raise(params, latent_shape, t_shape, ctx_shape, match):
   rng = np.random.default_rng(0)
   args = [rng.standard_normal(s).astype(np.float32) for s in (latent_shape, t_shape, ctx_shape)]
   with pytest.raises(ValueError, match=match):
-    models.apply(CFG, params, *args)
+    wan.apply(CFG, params, *args)
 
 
 def test_control_without_layer_axis_raises(params, inputs):
   mask = np.ones((CFG.num_layers + 1, B, CFG.num_heads, 3, 3), bool)  # one layer too many
-  control = models.AttentionControl(block_mask=mask, mode="sparse")
   with pytest.raises(ValueError, match="num_layers=2"):
-    models.apply(CFG, params, *inputs, control)
+    wan.apply(CFG, params, *inputs, _RecordingHook(jnp.asarray(mask)))
 
 
 @pytest.mark.parametrize("mode", ["sparse", "dense_map"])
 def test_block_sparse_backends_through_the_model(params, inputs, mode):
   """The real pallas_kernels path: an all-True mask reproduces dense attention and
   the map modes stack a sparsity map per layer."""
-  pytest.importorskip("pallas_kernels")
+  from modjax.control import AttentionControl
   n = 1  # 12 tokens in one block of 128
   mask = np.ones((CFG.num_layers, B, CFG.num_heads, n, n), bool) if mode == "sparse" else None
-  control = models.AttentionControl(block_mask=mask, mode=mode)
-  forward = jax.jit(lambda p, x, t, c, control: models.apply(CFG, p, x, t, c, control))
+  control = AttentionControl(block_mask=mask, mode=mode)
+  forward = jax.jit(lambda p, x, t, c, control: wan.apply(CFG, p, x, t, c, control))
   out, stats = forward(params, *inputs, control)
   dense, _ = _forward(CFG)(params, *inputs)
   chex.assert_trees_all_close(out, dense, atol=1e-4, rtol=1e-4)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import models
-from models import DiTConfig, loading
+from models import wan
+from models.wan import WanConfig, convert as loading
 from tests.models.helpers import random_params
 
-CFG = DiTConfig.tiny()
+CFG = WanConfig.tiny()
 WEIGHTS = loading.WEIGHTS_NAME
 
 
@@ -28,7 +28,7 @@ def params():
 
 @pytest.fixture
 def diffusers_dir(tmp_path, params):
-  models.save_diffusers_transformer(CFG, params, tmp_path / "transformer")
+  wan.save_diffusers_transformer(CFG, params, tmp_path / "transformer")
   return tmp_path / "transformer"
 
 
@@ -71,7 +71,7 @@ def test_parity_with_diffusers(case, tmp_path, record_property):
   spec = PARITY_CASES[case]
   reference = _seeded_diffusers_model(**spec["diffusers"])
   reference.save_pretrained(tmp_path / "ref")
-  config, params = models.load_diffusers_transformer(tmp_path / "ref",
+  config, params = wan.load_diffusers_transformer(tmp_path / "ref",
                                                      scan_layers=spec["scan_layers"])
   assert config.num_layers == 2 and config.scan_layers == spec["scan_layers"]
 
@@ -82,7 +82,7 @@ def test_parity_with_diffusers(case, tmp_path, record_property):
   with torch.no_grad():
     expected = reference(torch.from_numpy(latents), torch.from_numpy(timestep),
                          torch.from_numpy(context), return_dict=False)[0].numpy()
-  out, stats = jax.jit(lambda p: models.apply(config, p, latents, timestep, context))(params)
+  out, stats = jax.jit(lambda p: wan.apply(config, p, latents, timestep, context))(params)
   assert stats == {}
   max_err = float(np.abs(np.asarray(out) - expected).max())
   record_property("max_abs_error", max_err)
@@ -92,7 +92,7 @@ def test_parity_with_diffusers(case, tmp_path, record_property):
 
   # Our writer produces what diffusers reads back, tensor for tensor (strict load;
   # from_pretrained itself needs accelerate for this model class).
-  models.save_diffusers_transformer(config, params, tmp_path / "ours")
+  wan.save_diffusers_transformer(config, params, tmp_path / "ours")
   bookkeeping = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
   ours_config = WanTransformer3DModel.load_config(tmp_path / "ours")
   ref_config = WanTransformer3DModel.load_config(tmp_path / "ref")
@@ -111,16 +111,16 @@ def test_parity_with_diffusers(case, tmp_path, record_property):
 @pytest.mark.parametrize("max_shard_size", [10 * 2**30, 64 * 1024], ids=["single", "sharded"])
 def test_diffusers_round_trip(tmp_path, params, scan_layers, max_shard_size):
   config = dataclasses.replace(CFG, scan_layers=scan_layers)
-  p = params if scan_layers else models.unstack_blocks(params, CFG.num_layers)
-  models.save_diffusers_transformer(config, p, tmp_path, max_shard_size=max_shard_size)
+  p = params if scan_layers else wan.unstack_blocks(params, CFG.num_layers)
+  wan.save_diffusers_transformer(config, p, tmp_path, max_shard_size=max_shard_size)
   shards = sorted(tmp_path.glob("*.safetensors"))
   assert len(shards) == 1 if max_shard_size > 2**20 else len(shards) > 1
   assert (tmp_path / loading.INDEX_NAME).exists() == (len(shards) > 1)
 
   # Reloading into the other layout exercises stacking and unstacking.
-  loaded_config, loaded = models.load_diffusers_transformer(tmp_path, scan_layers=not scan_layers)
+  loaded_config, loaded = wan.load_diffusers_transformer(tmp_path, scan_layers=not scan_layers)
   assert loaded_config == dataclasses.replace(config, scan_layers=not scan_layers)
-  expected = models.unstack_blocks(params, CFG.num_layers) if scan_layers else params
+  expected = wan.unstack_blocks(params, CFG.num_layers) if scan_layers else params
   chex.assert_trees_all_equal(loaded, expected)
 
 
@@ -142,13 +142,13 @@ def test_patch_embedding_equals_conv3d(diffusers_dir, params):
   x = np.random.default_rng(0).standard_normal((1, CFG.in_channels, 2, 4, 6)).astype(np.float32)
   conv = jax.lax.conv_general_dilated(x, weight, window_strides=CFG.patch_size, padding="VALID",
                                       dimension_numbers=("NCDHW", "OIDHW", "NCDHW"))
-  dense = models.patchify(x, CFG.patch_size) @ params["patch_embedding"]["kernel"]
+  dense = wan.patchify(x, CFG.patch_size) @ params["patch_embedding"]["kernel"]
   chex.assert_trees_all_close(dense, conv.reshape(1, CFG.dim, -1).transpose(0, 2, 1),
                               atol=1e-5, rtol=1e-5)
 
 
 def test_pipeline_folder_resolves_transformer_subfolder(diffusers_dir):
-  config, _ = models.load_diffusers_transformer(diffusers_dir.parent)
+  config, _ = wan.load_diffusers_transformer(diffusers_dir.parent)
   assert config == CFG
 
 
@@ -156,21 +156,21 @@ def test_pipeline_folder_resolves_transformer_subfolder(diffusers_dir):
                          ids=["scan_to_scan", "scan_to_loop", "loop_to_scan"])
 def test_own_checkpoint_round_trip(tmp_path, params, saved_scan, loaded_scan):
   config = dataclasses.replace(CFG, scan_layers=saved_scan)
-  p = params if saved_scan else models.unstack_blocks(params, CFG.num_layers)
-  models.save_params(config, p, tmp_path / "demo.safetensors")
+  p = params if saved_scan else wan.unstack_blocks(params, CFG.num_layers)
+  wan.save_params(config, p, tmp_path / "demo.safetensors")
   assert json.loads((tmp_path / "demo.json").read_text())["scan_layers"] == saved_scan
-  loaded_config, loaded = models.load_params(tmp_path / "demo.safetensors",
+  loaded_config, loaded = wan.load_params(tmp_path / "demo.safetensors",
                                              scan_layers=loaded_scan)
   assert loaded_config == dataclasses.replace(config, scan_layers=loaded_scan)
-  expected = params if loaded_scan else models.unstack_blocks(params, CFG.num_layers)
+  expected = params if loaded_scan else wan.unstack_blocks(params, CFG.num_layers)
   chex.assert_trees_all_equal(loaded, expected)
 
 
 def test_own_checkpoint_param_dtype_override(tmp_path, params):
-  models.save_params(CFG, params, tmp_path / "demo.safetensors")
-  config, loaded = models.load_params(tmp_path / "demo.safetensors", param_dtype="bfloat16")
+  wan.save_params(CFG, params, tmp_path / "demo.safetensors")
+  config, loaded = wan.load_params(tmp_path / "demo.safetensors", param_dtype="bfloat16")
   assert config.param_dtype == jnp.bfloat16
-  chex.assert_trees_all_equal_shapes_and_dtypes(loaded, models.param_shapes(config))
+  chex.assert_trees_all_equal_shapes_and_dtypes(loaded, wan.param_shapes(config))
 
 
 # ------------------------------------------------------------------ errors
@@ -188,22 +188,22 @@ def _edit_weights(folder, edit):
 
 def test_unknown_config_key_raises(diffusers_dir):
   _edit_config(diffusers_dir, use_magic=True)
-  with pytest.raises(ValueError, match="unknown diffusers config key 'use_magic'"):
-    models.load_diffusers_transformer(diffusers_dir)
+  with pytest.raises(ValueError, match="unknown config key 'use_magic'"):
+    wan.load_diffusers_transformer(diffusers_dir)
 
 
 def test_wrong_shape_names_the_tensor(diffusers_dir):
   name = "blocks.1.attn2.to_k.weight"
   _edit_weights(diffusers_dir, lambda t: t.update({name: t[name][:, :-1].copy()}))
   with pytest.raises(ValueError, match=rf"'{name}'.*expected shape \(64, 64\), got \(64, 63\)"):
-    models.load_diffusers_transformer(diffusers_dir)
+    wan.load_diffusers_transformer(diffusers_dir)
 
 
 def test_config_disagreeing_with_weights_names_the_tensor(diffusers_dir):
   _edit_config(diffusers_dir, ffn_dim=96)
   name = r"'blocks\.0\.ffn\.net\.0\.proj\.(weight|bias)'"
   with pytest.raises(ValueError, match=name + r".*expected shape \(96"):
-    models.load_diffusers_transformer(diffusers_dir)
+    wan.load_diffusers_transformer(diffusers_dir)
 
 
 def test_missing_and_unexpected_tensors_are_named(diffusers_dir):
@@ -212,7 +212,7 @@ def test_missing_and_unexpected_tensors_are_named(diffusers_dir):
     tensors["blocks.0.attn1.lora_A.weight"] = np.ones((2, 2), np.float32)
   _edit_weights(diffusers_dir, edit)
   with pytest.raises(ValueError) as error:
-    models.load_diffusers_transformer(diffusers_dir)
+    wan.load_diffusers_transformer(diffusers_dir)
   assert "missing (1): blocks.0.attn1.norm_q.weight" in str(error.value)
   assert "unexpected (1): blocks.0.attn1.lora_A.weight" in str(error.value)
 
@@ -220,7 +220,7 @@ def test_missing_and_unexpected_tensors_are_named(diffusers_dir):
 def test_layer_count_mismatch_reports_missing_layer(diffusers_dir):
   _edit_config(diffusers_dir, num_layers=3)
   with pytest.raises(ValueError, match=r"missing \(\d+\): blocks\.2\."):
-    models.load_diffusers_transformer(diffusers_dir)
+    wan.load_diffusers_transformer(diffusers_dir)
 
 
 @pytest.mark.parametrize("remove", ["folder", "config.json", WEIGHTS])
@@ -229,30 +229,30 @@ def test_missing_files_raise_file_not_found(diffusers_dir, tmp_path, remove):
   if remove != "folder":
     target.unlink()
   with pytest.raises(FileNotFoundError, match=remove if remove != "folder" else "nowhere"):
-    models.load_diffusers_transformer(diffusers_dir / "nowhere" if remove == "folder"
+    wan.load_diffusers_transformer(diffusers_dir / "nowhere" if remove == "folder"
                                       else diffusers_dir)
 
 
 def test_missing_shard_raises_file_not_found(tmp_path, params):
-  models.save_diffusers_transformer(CFG, params, tmp_path, max_shard_size=64 * 1024)
+  wan.save_diffusers_transformer(CFG, params, tmp_path, max_shard_size=64 * 1024)
   shard = sorted(tmp_path.glob("*-of-*.safetensors"))[-1]
   shard.unlink()
   with pytest.raises(FileNotFoundError, match=shard.name):
-    models.load_diffusers_transformer(tmp_path)
+    wan.load_diffusers_transformer(tmp_path)
 
 
 def test_save_rejects_params_of_another_config(tmp_path, params):
   with pytest.raises(ValueError, match=r"'condition_embedder.text_embedder.linear_1.kernel'"):
-    models.save_diffusers_transformer(dataclasses.replace(CFG, text_dim=48), params, tmp_path)
+    wan.save_diffusers_transformer(dataclasses.replace(CFG, text_dim=48), params, tmp_path)
 
 
 def test_save_rejects_a_layer_count_mismatch(tmp_path, params):
   with pytest.raises(ValueError, match=r"'blocks\.attn1\.norm_k\.scale'.*num_layers=1"):
-    models.save_params(DiTConfig.tiny(num_layers=1), params, tmp_path / "demo.safetensors")
+    wan.save_params(WanConfig.tiny(num_layers=1), params, tmp_path / "demo.safetensors")
 
 
 def test_own_checkpoint_errors(tmp_path, params):
   with pytest.raises(ValueError, match=r"\.safetensors"):
-    models.save_params(CFG, params, tmp_path / "demo.npz")
+    wan.save_params(CFG, params, tmp_path / "demo.npz")
   with pytest.raises(FileNotFoundError, match="absent.safetensors"):
-    models.load_params(tmp_path / "absent.safetensors")
+    wan.load_params(tmp_path / "absent.safetensors")
