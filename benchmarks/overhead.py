@@ -5,7 +5,7 @@ costs: the flash pass with its row log-sum-exp (needed anyway, replaces the
 cuDNN call), the map pass, and for the whole model once: the ridge fit, the
 prediction, the mask and its compaction. We report each piece, and
   overhead = (with_map - attention_only) + (fit + predict + compact) / layers
-against one dense cuDNN call. Writes an "overhead" JSON (PERF.md schema).
+against one dense cuDNN call. Writes an "overhead" JSON (docs/benchmarks.md schema).
 """
 
 from __future__ import annotations

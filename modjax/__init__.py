@@ -2,7 +2,7 @@
 carried as explicit state through a one-compile `lax.scan` sampler.
 
 Public API:
-  fit_pattern_features, PatternFeatures, predict_mask: ALGORITHM.md sections 2-3.
+  fit_pattern_features, PatternFeatures, predict_mask: docs/algorithm.md sections 2-3.
   MODConfig, DenseConfig, StaticWindowConfig, OracleConfig, warmup_reuse: policies.
   Sampler, SamplerSettings, sample_fn, SampleOutput, sparsity: the sampler.
   AttentionControl: what a step asks of attention. callbacks: progress and timers.

@@ -37,7 +37,7 @@ def flow_sigmas(num_steps: int, shift: float = 5.0) -> np.ndarray:
 
 def mod_step_kinds(num_steps: int, warmup_steps: int, interval: int,
                    refresh: bool = True) -> np.ndarray:
-  """ALGORITHM.md section 4: steps s < W-2 dense; W-2, W-1 map; then sparse,
+  """docs/algorithm.md section 4: steps s < W-2 dense; W-2, W-1 map; then sparse,
   with a refresh at the last step of each interval ((s - W) % T == T - 1)."""
   kinds = np.full((num_steps,), StepKind.SPARSE, dtype=np.int32)
   w = warmup_steps

@@ -1,4 +1,4 @@
-"""Pure-jnp reference for the MOD-DiT sparsity map (ALGORITHM.md sections 1, 8).
+"""Pure-jnp reference for the MOD-DiT sparsity map (docs/algorithm.md sections 1, 8).
 
 For one (batch, head), with p = softmax(sm_scale * q k^T) over the valid row
 (restricted to the block mask when one is given), the sparsity map is
