@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -54,10 +55,17 @@ def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
   suffix = check_output_path(path)
   if suffix == ".mp4":
     try:
-      import imageio_ffmpeg  # noqa: F401
-      imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
-      return path
+      import imageio_ffmpeg  # noqa: F401  (imageio's mp4 writer needs it)
     except ImportError:
       path = os.path.splitext(path)[0] + ".gif"
+    else:
+      # imageio-ffmpeg starts ffmpeg with subprocess, whose fork-and-exec trips JAX's
+      # at-fork warning. The child only execs ffmpeg (no Python, no JAX locks), so
+      # the deadlock the warning is about cannot happen; silence exactly that warning.
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                category=RuntimeWarning)
+        imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
+      return path
   imageio.mimwrite(path, list(frames), duration=1000.0 / fps, loop=0)
   return path

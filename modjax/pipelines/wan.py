@@ -1,0 +1,326 @@
+"""`WanPipeline`: prompt -> video frames from a diffusers Wan2.1 folder, all in JAX.
+
+    pipe = WanPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers")
+    frames = pipe("a cat surfing a wave", attention=modjax.MODConfig()).frames  # uint8 [F, H, W, 3]
+
+The folder is the one diffusers' `WanPipeline.save_pretrained` writes (and the
+hub's Wan-AI/Wan2.1-T2V-*-Diffusers repositories hold): model_index.json,
+transformer/, vae/, text_encoder/ (UMT5), tokenizer/ (tokenizer.json),
+scheduler/ (scheduler_config.json). The call follows diffusers' WanPipeline:
+the same argument names and pixel units, prompts cleaned and encoded to 512
+tokens with the embeddings zeroed past each prompt's length, the default
+negative prompt "", classifier-free guidance when guidance_scale > 1, the
+folder's scheduler (UniPC with flow prediction) with flow_shift 3.0 at 480p and
+5.0 at 720p unless given, latents de-normalised with the VAE's latents_mean/std
+and decoded chunk by chunk. What differs: the initial noise comes from
+`jax.random.key(seed)` (pass `latents=` for exact noise), sizes that diffusers
+would round are refused, and self-attention runs any modjax attention policy
+(dense, MOD-DiT, the baselines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import text as text_lib
+from models import wan
+from models.wan import vae as vae_lib
+from models.weights import read_json
+from modjax import config as cfg_lib
+from modjax import memory, schedulers
+from modjax import sampler as sampler_lib
+
+PIPELINE_CLASS = "WanPipeline"
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# model_index.json entries that are not components, with the only values we run.
+_INDEX_FIXED = {"boundary_ratio": None, "expand_timesteps": False}
+_INDEX_OPTIONAL_EMPTY = ("transformer_2",)   # Wan2.2's second transformer: must be absent/null
+VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+MAX_SEQUENCE_LENGTH = 512
+
+
+def recommended_flow_shift(height: int, width: int) -> float:
+  """diffusers' advice for Wan2.1: 5.0 for 720p, 3.0 for 480p (and smaller)."""
+  return 5.0 if height * width >= 720 * 1280 * 0.75 else 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WanOutput:
+  """frames: uint8 [F, H, W, 3] for one prompt ([B, F, H, W, 3] for a list);
+  latents: float32 [B, 16, T, H/8, W/8] before the VAE; timings: seconds by stage."""
+  frames: np.ndarray
+  latents: np.ndarray
+  sparsity: float
+  flow_shift: float
+  timings: dict
+
+
+def _check_index(folder: Path) -> dict:
+  index_file = folder / "model_index.json"
+  if not index_file.exists():
+    raise FileNotFoundError(
+        f"{str(folder)!r} is not a diffusers pipeline folder: no model_index.json (expected "
+        f"the subfolders {', '.join(COMPONENTS)})")
+  index = read_json(index_file)
+  if index.get("_class_name") != PIPELINE_CLASS:
+    raise ValueError(f"{str(index_file)!r}: _class_name must be {PIPELINE_CLASS!r}, got "
+                     f"{index.get('_class_name')!r}")
+  for key, value in index.items():
+    if key.startswith("_") or key in COMPONENTS:
+      continue
+    if key in _INDEX_FIXED:
+      if value != _INDEX_FIXED[key]:
+        raise ValueError(f"{str(index_file)!r}: {key}={value!r} is not supported "
+                         f"(Wan2.2 options); only {_INDEX_FIXED[key]!r}")
+    elif key in _INDEX_OPTIONAL_EMPTY:
+      if value not in (None, [None, None]):
+        raise ValueError(f"{str(index_file)!r}: {key} (Wan2.2) is not supported")
+    else:
+      raise ValueError(f"{str(index_file)!r}: unknown entry {key!r}; known: "
+                       f"{sorted(COMPONENTS + tuple(_INDEX_FIXED) + _INDEX_OPTIONAL_EMPTY)}")
+  missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+  if missing:
+    raise FileNotFoundError(f"{str(folder)!r} lacks the component folders {missing}")
+  return index
+
+
+def _validate_call(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
+                   guidance_scale, seed, patch_hw):
+  def positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  if isinstance(prompt, str):
+    prompts = [prompt]
+  elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+    prompts = list(prompt)
+  else:
+    raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+  if negative_prompt is None:
+    negatives = [""] * len(prompts)           # diffusers' default
+  elif isinstance(negative_prompt, str):
+    negatives = [negative_prompt] * len(prompts)
+  elif (isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) == len(prompts)
+        and all(isinstance(p, str) for p in negative_prompt)):
+    negatives = list(negative_prompt)
+  else:
+    raise ValueError(f"negative_prompt must be None, a str, or a list of {len(prompts)} str, "
+                     f"got {negative_prompt!r}")
+  for name, value in (("height", height), ("width", width), ("num_frames", num_frames),
+                      ("num_inference_steps", num_inference_steps)):
+    positive_int(name, value)
+  multiple = VAE_SPATIAL * patch_hw
+  for name, value in (("height", height), ("width", width)):
+    if value % multiple:
+      raise ValueError(f"{name} must be a multiple of {multiple} pixels (VAE x{VAE_SPATIAL}, "
+                       f"patch {patch_hw}), got {value}")
+  if (num_frames - 1) % VAE_TEMPORAL:
+    lo = (num_frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
+    raise ValueError(f"num_frames must be 4k+1 (1, 5, ..., 81, ...), got {num_frames}; "
+                     f"nearest: {lo} or {lo + VAE_TEMPORAL}")
+  if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1.0:
+    raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale!r}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an int, got {seed!r}")
+  return prompts, negatives
+
+
+def to_uint8_frames(video: np.ndarray) -> np.ndarray:
+  """[B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3], as diffusers' VideoProcessor
+  (x / 2 + 0.5, clamped, times 255, rounded)."""
+  x = np.clip(np.asarray(video, np.float32) / 2.0 + 0.5, 0.0, 1.0)
+  return np.round(np.transpose(x, (0, 2, 3, 4, 1)) * 255.0).astype(np.uint8)
+
+
+class WanPipeline:
+  """Text-to-video with a Wan2.1 checkpoint: UMT5 -> DiT denoising scan -> Wan VAE."""
+
+  def __init__(self, *, transformer_config, transformer_params, text_config, text_params,
+               tokenizer, vae_config, vae_params, scheduler_config: dict, name: str = "wan"):
+    self.family = wan.WanFamily(transformer_config)
+    self.transformer_params = transformer_params
+    self.text_config, self.text_params, self.tokenizer = text_config, text_params, tokenizer
+    self.vae_config, self.vae_params = vae_config, vae_params
+    self.scheduler_config = dict(scheduler_config)
+    self.name = name
+    self._encode = jax.jit(lambda p, ids, mask: text_lib.encode(text_config, p, ids, mask))
+    self._decode = jax.jit(lambda p, z: vae_lib.decode(vae_config, p, z))
+    self._samplers = {}
+
+  @classmethod
+  def from_pretrained(cls, folder, *, dtype: Optional[str] = None) -> "WanPipeline":
+    """Loads every component of a diffusers Wan2.1 folder.
+
+    dtype: parameter and compute dtype of the transformer and text encoder,
+    "bfloat16" or "float32"; default bfloat16 on accelerators, float32 on CPU.
+    The VAE computes in float32 (its weights are small).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+      raise FileNotFoundError(f"no Wan2.1 pipeline folder at {str(folder)!r}")
+    _check_index(folder)
+    if dtype is None:
+      dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    transformer_config, transformer_params = wan.load_diffusers_transformer(
+        folder / "transformer", param_dtype=dtype, dtype=dtype)
+    text_config, text_params = text_lib.load_encoder(folder / "text_encoder", param_dtype=dtype,
+                                                     dtype=dtype)
+    tokenizer = text_lib.Tokenizer.from_folder(folder / "tokenizer")
+    vae_config, vae_params = wan.load_diffusers_vae(folder / "vae")
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+    schedulers.from_diffusers_config(scheduler_config, 1)  # validate now, not at the first call
+    if transformer_config.text_dim != text_config.d_model:
+      raise ValueError(f"{str(folder)!r}: the transformer takes text_dim="
+                       f"{transformer_config.text_dim} but the text encoder gives "
+                       f"d_model={text_config.d_model}")
+    return cls(transformer_config=transformer_config, transformer_params=transformer_params,
+               text_config=text_config, text_params=text_params, tokenizer=tokenizer,
+               vae_config=vae_config, vae_params=vae_params, scheduler_config=scheduler_config,
+               name=folder.name)
+
+  # ------------------------------------------------------------------ memory
+
+  def memory_estimate(self, *, height: int, width: int, num_frames: int, batch: int = 1,
+                      guidance: bool = True,
+                      attention: cfg_lib.AttentionConfig = cfg_lib.DenseConfig()
+                      ) -> memory.MemoryEstimate:
+    """Device memory of one call at these sizes (see modjax.memory)."""
+    cfg = self.family.config
+    latent = self.latent_size(height, width, num_frames)
+    rows = batch * (2 if guidance else 1)
+    tokens = cfg.tokens(*latent)
+    on_gpu = jax.default_backend() in ("gpu", "tpu")
+    dense_impl = getattr(attention, "implementation", None) if isinstance(
+        attention, cfg_lib.DenseConfig) else getattr(attention, "dense_implementation", None)
+    xla_dense = dense_impl == "xla" or (dense_impl is None and not on_gpu)
+    mod_blocks = mod_width = None
+    if isinstance(attention, cfg_lib.MODConfig):
+      from modjax import predict
+      n = -(-tokens // attention.block_size)
+      bpf = max(cfg.tokens_per_frame(latent[1], latent[2]) // attention.block_size, 1)
+      mod_blocks, mod_width = n, predict.max_row_width(attention.top_k, n, bpf)
+    stages = {
+        "text_encode": memory.text_encode_bytes(
+            batch=rows, seq_len=MAX_SEQUENCE_LENGTH, d_model=self.text_config.d_model,
+            d_ff=self.text_config.d_ff, heads=self.text_config.num_heads,
+            dtype=self.text_config.dtype),
+        "denoise": memory.denoise_bytes(
+            rows=rows, seq_len=tokens, dim=cfg.dim, ffn_dim=cfg.ffn_dim, heads=cfg.num_heads,
+            num_layers=cfg.num_layers, text_len=MAX_SEQUENCE_LENGTH,
+            latent_elements=batch * cfg.in_channels * int(np.prod(latent)), dtype=cfg.dtype,
+            dense_attention="xla" if xla_dense else "flash", mod_blocks=mod_blocks,
+            mod_width=mod_width),
+        "vae_decode": vae_lib.decode_memory_bytes(
+            self.vae_config, (batch, self.vae_config.z_dim, *latent), self.vae_config.dtype),
+    }
+    weights = {"transformer": memory.tree_bytes(self.transformer_params),
+               "text_encoder": memory.tree_bytes(self.text_params),
+               "vae": memory.tree_bytes(self.vae_params)}
+    return memory.MemoryEstimate(weights=weights, stages=stages)
+
+  def latent_size(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+    return (num_frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL
+
+  # -------------------------------------------------------------------- call
+
+  def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+    """[B, 512, d_model] embeddings, zero past each prompt's length (diffusers' rule)."""
+    return text_lib.encode_prompts(self.text_config, self.text_params, self.tokenizer,
+                                   list(prompts), max_length=MAX_SEQUENCE_LENGTH,
+                                   encode_fn=self._encode)
+
+  def _sampler(self, settings, callbacks) -> sampler_lib.Sampler:
+    key = (settings, tuple(callbacks))
+    if key not in self._samplers:
+      self._samplers[key] = sampler_lib.Sampler(self.family, settings, callbacks=callbacks)
+    return self._samplers[key]
+
+  def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt=None, *,
+               height: int = 480, width: int = 832, num_frames: int = 81,
+               num_inference_steps: int = 50, guidance_scale: float = 5.0,
+               attention: cfg_lib.AttentionConfig = cfg_lib.DenseConfig(), seed: int = 0,
+               flow_shift: Optional[float] = None, latents=None,
+               callbacks: Sequence[Callable[[int, int], None]] = (),
+               log: Optional[Callable[[str], None]] = None, check_memory: bool = True
+               ) -> WanOutput:
+    """Sample videos for the prompts. Sizes in pixels and frames, as diffusers.
+
+    attention: any modjax attention config (DenseConfig, MODConfig, baselines).
+    flow_shift: the scheduler's shift; None picks diffusers' advice
+      (`recommended_flow_shift`: 3.0 at 480p, 5.0 at 720p).
+    latents: optional initial noise float32 [B, 16, T, H/8, W/8] (else from seed).
+    callbacks: host fn(step, num_steps) after each denoising step (progress bars).
+    log: called with one line per stage (its time included), e.g. print.
+    check_memory: refuse before compiling when the estimate exceeds the device's memory.
+    """
+    say = log or (lambda _line: None)
+    prompts, negatives = _validate_call(prompt, negative_prompt, height, width, num_frames,
+                                        num_inference_steps, guidance_scale, seed,
+                                        self.family.config.patch_size[1])
+    if flow_shift is None:
+      flow_shift = recommended_flow_shift(height, width)
+    elif not isinstance(flow_shift, (int, float)) or not flow_shift > 0:
+      raise ValueError(f"flow_shift must be > 0, got {flow_shift!r}")
+    guidance = guidance_scale > 1.0
+    latent = self.latent_size(height, width, num_frames)
+    batch = len(prompts)
+    shape = (batch, self.family.config.in_channels, *latent)
+    if latents is not None and tuple(np.shape(latents)) != shape:
+      raise ValueError(f"latents must have shape {shape}, got {tuple(np.shape(latents))}")
+    scheduler = schedulers.from_diffusers_config(self.scheduler_config, num_inference_steps,
+                                                 flow_shift=float(flow_shift))
+    settings = sampler_lib.SamplerSettings(
+        frames=latent[0], height=latent[1], width=latent[2],
+        num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
+        attention=attention, scheduler=scheduler)
+    if check_memory:
+      memory.check_fits(self.memory_estimate(height=height, width=width, num_frames=num_frames,
+                                             batch=batch, guidance=guidance, attention=attention),
+                        f"{num_frames}x{height}x{width} ({batch} video(s))")
+    timings = {}
+
+    t0 = time.perf_counter()
+    context = self.encode_prompt(prompts)
+    neg = self.encode_prompt(negatives) if guidance else jnp.zeros_like(context)
+    jax.block_until_ready((context, neg))
+    timings["text_encode"] = time.perf_counter() - t0
+    say(f"text encoding {timings['text_encode']:.1f} s ({batch} prompt(s), "
+        f"{MAX_SEQUENCE_LENGTH} tokens)")
+
+    dtype = self.family.dtype
+    context, neg = context.astype(dtype), neg.astype(dtype)
+    key = jax.random.key(seed)
+    noise = None if latents is None else jnp.asarray(latents, jnp.float32)
+    sampler = self._sampler(settings, tuple(callbacks))
+    t0 = time.perf_counter()
+    compiled = sampler.lower(self.transformer_params, context, neg, key, noise).compile()
+    timings["compile"] = time.perf_counter() - t0
+    say(f"compiled the {num_inference_steps}-step sampler in {timings['compile']:.1f} s "
+        f"({settings.frames}x{settings.height}x{settings.width} latents, "
+        f"{self.family.config.tokens(*latent)} tokens, flow_shift {flow_shift})")
+    t0 = time.perf_counter()
+    out = compiled(self.transformer_params, context, neg, key, noise)
+    z = jax.block_until_ready(out.latents)
+    timings["denoise"] = time.perf_counter() - t0
+    sparsity = sampler_lib.sparsity(out)
+    say(f"denoised in {timings['denoise']:.1f} s (sparsity {sparsity:.1%})")
+
+    t0 = time.perf_counter()
+    video = self._decode(self.vae_params, vae_lib.denormalize_latents(self.vae_config, z))
+    video = np.asarray(jax.block_until_ready(video))
+    timings["vae_decode"] = time.perf_counter() - t0
+    say(f"VAE decode {timings['vae_decode']:.1f} s (compile included) -> "
+        f"{video.shape[2]} frames of {video.shape[3]}x{video.shape[4]}")
+    frames = to_uint8_frames(video)
+    if isinstance(prompt, str):
+      frames = frames[0]
+    return WanOutput(frames=frames, latents=np.asarray(z), sparsity=sparsity,
+                     flow_shift=float(flow_shift), timings=timings)
