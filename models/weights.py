@@ -1,5 +1,6 @@
 """Reading external checkpoints: safetensors folders (single file or sharded) and
-allow-listed json configs, with errors that name the file, tensor or key.
+allow-listed json configs, with errors that name the file, tensor or key; and
+writing safetensors folders in the same layout (`save_tensors`).
 
 Every family's converter (Wan transformer and VAE, T5 encoders, ...) reads its
 folder through these, so a missing shard, an unknown config key or a tensor of
@@ -13,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 _LIST_LIMIT = 20
 
@@ -105,6 +108,37 @@ class _Tensors:
   def get(self, name):
     """The tensor as a numpy array (bf16 as ml_dtypes.bfloat16)."""
     return self._handles[self._files[name]].get_tensor(name)
+
+
+def save_tensors(folder, tensors: Mapping[str, np.ndarray], weights_name: str, index_name: str, *,
+                 max_shard_size: int, metadata: Optional[Mapping[str, str]] = None) -> None:
+  """Writes tensors as `folder/weights_name`, or, when they exceed max_shard_size
+  bytes, as shards `<stem>-00001-of-0000N.safetensors` listed in
+  `folder/index_name`: the layout transformers and diffusers write and read.
+  Tensors keep their dtype; names are written in sorted order."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = {name: np.ascontiguousarray(tensors[name]) for name in sorted(tensors)}
+  shards, size = [{}], 0
+  for name, array in tensors.items():
+    if shards[-1] and size + array.nbytes > max_shard_size:
+      shards.append({})
+      size = 0
+    shards[-1][name] = array
+    size += array.nbytes
+  metadata = dict(metadata or {})
+  if len(shards) == 1:
+    save_file(shards[0], folder / weights_name, metadata=metadata)
+    return
+  stem = weights_name.removesuffix(".safetensors")
+  weight_map = {}
+  for i, shard in enumerate(shards, start=1):
+    file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, folder / file, metadata=metadata)
+    weight_map.update({name: file for name in shard})
+  index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+           "weight_map": weight_map}
+  (folder / index_name).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def names_list(names) -> str:
