@@ -1,7 +1,13 @@
 """`python -m modjax sample ...`: sample a video and write it (a thin CLI).
 
+Two sources of a model:
+  --checkpoint FOLDER --prompt "..."   a diffusers Wan2.1 folder (text encoder, VAE, UniPC);
+  --model demo | tiny | PATH           the shipped pixel-space demo (label-conditioned),
+                                       a random tiny smoke model, or a demo export.
 Argument names follow diffusers (height, width, num_frames, num_inference_steps,
-guidance_scale). Compile time and run time are printed separately.
+guidance_scale); sizes are pixels and frames of the output video. Every
+argument is checked before any model is loaded; a bad one prints one `error:`
+line and exits 2. Stage times (encode, compile, denoise, decode) are printed.
 """
 
 from __future__ import annotations
@@ -13,38 +19,134 @@ import time
 from modjax import config as cfg_lib
 from modjax import video as video_lib
 
+ATTENTION = ("dense", "mod", "static_window", "oracle")
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+  return value
+
+
+def _nonnegative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
+  return value
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+  return value
+
+
+def _top_k(text: str):
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be an int >= 1 or a fraction in (0, 1), got {text!r}") from None
+  if value >= 1 and value == int(value):
+    return int(value)
+  if 0 < value < 1:
+    return value
+  raise argparse.ArgumentTypeError(f"must be an int >= 1 or a fraction in (0, 1), got {text!r}")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+  """Shows "(default: X)" after the help of every argument with a default value
+  (arguments whose default depends on the model say so in their own help)."""
+
+  def _get_help_string(self, action):
+    help_text = action.help or ""
+    if (action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in help_text
+        and action.option_strings):
+      help_text += " (default: %(default)s)"
+    return help_text
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, exit 2 (argparse's own usage block is noise here)
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m modjax")
-  sub = p.add_subparsers(dest="command", required=True)
-  s = sub.add_parser("sample", help="sample a video with a named model")
-  s.add_argument("--model", default="demo", help="demo | tiny | path of a demo export (.safetensors)")
-  s.add_argument("--frames", "--num-frames", dest="frames", type=int, default=None)
-  s.add_argument("--height", type=int, default=None)
-  s.add_argument("--width", type=int, default=None)
-  s.add_argument("--steps", "--num-inference-steps", dest="steps", type=int, default=None)
-  s.add_argument("--guidance-scale", type=float, default=None)
-  s.add_argument("--shift", type=float, default=None)
-  s.add_argument("--seed", type=int, default=0)
-  s.add_argument("--label", type=int, default=None, help="class label (demo model)")
-  s.add_argument("--attention", default="dense", choices=("dense", "mod", "static_window", "oracle"))
-  s.add_argument("--top-k", type=float, default=None,
-                 help="MOD lines kept: an int, or a fraction in (0, 1) of the 3n-1 lines")
-  s.add_argument("--warmup-steps", type=int, default=None)
-  s.add_argument("--interval", type=int, default=None)
-  s.add_argument("--refresh", default="dense", choices=cfg_lib.REFRESH_MODES)
-  s.add_argument("--density", type=float, default=0.25, help="budget of the baselines")
-  s.add_argument("--block-size", type=int, default=None)
-  s.add_argument("--fps", type=int, default=8)
-  s.add_argument("--no-progress", action="store_true")
-  s.add_argument("--out", default="sample.gif", help="output video, .mp4 or .gif")
+  fmt = _HelpFormatter
+  p = _Parser(prog="python -m modjax", formatter_class=fmt)
+  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  s = sub.add_parser("sample", help="sample a video and write it", formatter_class=fmt,
+                     description=__doc__.split("\n\n")[1] if "\n\n" in __doc__ else None)
+  src = s.add_argument_group("model")
+  src.add_argument("--checkpoint", default=None, metavar="FOLDER",
+                   help="diffusers Wan2.1 pipeline folder (model_index.json, transformer/, vae/, "
+                        "text_encoder/, tokenizer/, scheduler/); needs --prompt")
+  src.add_argument("--model", default=None,
+                   help="without --checkpoint: demo | tiny | path of a demo export (.safetensors); "
+                        "default demo")
+  src.add_argument("--prompt", default=None, help="text prompt (with --checkpoint)")
+  src.add_argument("--negative-prompt", default=None,
+                   help="negative prompt (with --checkpoint; default '' as diffusers)")
+  src.add_argument("--label", type=_nonnegative_int, default=None,
+                   help="class label of the demo model, 0..27 (default: the export's showcase label)")
+  src.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="weights and compute of a --checkpoint (default: bfloat16 on GPU/TPU, "
+                        "float32 on CPU)")
+  size = s.add_argument_group("video (pixels and frames of the output)")
+  size.add_argument("--height", type=_positive_int, default=None,
+                    help="pixels (Wan: multiple of 16, default 480; demo: 32)")
+  size.add_argument("--width", type=_positive_int, default=None,
+                    help="pixels (Wan: multiple of 16, default 832; demo: 32)")
+  size.add_argument("--num-frames", "--frames", dest="num_frames", type=_positive_int, default=None,
+                    help="frames (Wan: 4k+1, default 81; demo: 16)")
+  size.add_argument("--fps", type=_positive_int, default=None,
+                    help="frames per second of the written file (default 16 Wan, 8 demo)")
+  size.add_argument("--out", default="sample.gif", help="output file, .mp4 or .gif")
+  smp = s.add_argument_group("sampling")
+  smp.add_argument("--steps", "--num-inference-steps", dest="steps", type=_positive_int,
+                   default=None, help="denoising steps (default 50 Wan, 25 demo)")
+  smp.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale, >= 1 (default 5.0 Wan, 4.0 demo)")
+  smp.add_argument("--flow-shift", "--shift", dest="flow_shift", type=_positive_float, default=None,
+                   help="flow-matching shift (Wan default: 3.0 at 480p, 5.0 at 720p; demo 2.0)")
+  smp.add_argument("--seed", type=_nonnegative_int, default=None,
+                   help="noise seed (default 0; demo: the export's showcase seed)")
+  att = s.add_argument_group("attention")
+  att.add_argument("--attention", default="dense", choices=ATTENTION,
+                   help="dense, MOD-DiT, or a baseline")
+  att.add_argument("--top-k", type=_top_k, default=None,
+                   help="MOD lines kept per head: an int, or a fraction in (0, 1) of the 3n-1 "
+                        "lines (default 350 Wan, 0.15 demo)")
+  att.add_argument("--warmup-steps", type=_nonnegative_int, default=None,
+                   help="dense warm-up steps (default 12/50 of --steps, at least 2)")
+  att.add_argument("--interval", type=_positive_int, default=None,
+                   help="steps between MOD refreshes (default 10/50 of --steps, at least 1)")
+  att.add_argument("--refresh", default="dense", choices=cfg_lib.REFRESH_MODES,
+                   help="how MOD refresh steps measure the map")
+  att.add_argument("--density", type=_positive_float, default=0.25,
+                   help="share of blocks kept by the oracle and static-window baselines, in (0, 1]")
+  att.add_argument("--block-size", type=_positive_int, default=None,
+                   help="attention block size in tokens, 64 or 128 (default 128)")
+  s.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
 
-def attention_config(args, defaults, num_steps: int):
-  """Build the attention config from CLI flags, scaling the schedule to short runs."""
-  block = args.block_size or defaults.block_size
-  warmup = args.warmup_steps if args.warmup_steps is not None else max(2, round(num_steps * 12 / 50))
+def attention_config(args, num_steps: int, block_size: int, default_top_k):
+  """The attention config of the flags, the MOD schedule scaled to short runs."""
+  block = args.block_size or block_size
+  warmup = (args.warmup_steps if args.warmup_steps is not None
+            else max(2, round(num_steps * 12 / 50)))
   if args.attention == "dense":
     return cfg_lib.DenseConfig()
   if args.attention == "static_window":
@@ -52,31 +154,72 @@ def attention_config(args, defaults, num_steps: int):
   if args.attention == "oracle":
     return cfg_lib.OracleConfig(density=args.density, block_size=block, warmup_steps=warmup)
   interval = args.interval if args.interval is not None else max(1, round(num_steps * 10 / 50))
-  top_k = 0.15 if args.top_k is None else args.top_k
-  top_k = int(top_k) if top_k >= 1 else float(top_k)
+  top_k = default_top_k if args.top_k is None else args.top_k
   return cfg_lib.MODConfig(block_size=block, warmup_steps=warmup, interval=interval,
                            top_k=top_k, refresh=args.refresh)
 
 
-def sample_command(args) -> int:
+def _check_args(args) -> None:
+  """What argparse cannot see: combinations, checked before any model loads."""
+  video_lib.check_output_path(args.out)
+  if args.density > 1:
+    raise ValueError(f"--density must be in (0, 1], got {args.density}")
+  if args.guidance_scale is not None and not args.guidance_scale >= 1:
+    raise ValueError(f"--guidance-scale must be >= 1 (1 disables guidance), got {args.guidance_scale}")
+  if args.checkpoint is not None:
+    if args.model is not None:
+      raise ValueError("--model and --checkpoint are exclusive: --checkpoint takes a diffusers "
+                       "Wan2.1 folder, --model the demo or tiny model")
+    if args.prompt is None:
+      raise ValueError("--checkpoint needs --prompt")
+    if args.label is not None:
+      raise ValueError("--label applies to the demo model only; a Wan checkpoint takes --prompt")
+  else:
+    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                        ("--dtype", args.dtype)):
+      if value is not None:
+        raise ValueError(f"{flag} needs --checkpoint (a diffusers Wan2.1 folder)")
+
+
+def _print_run(kind, out, settings_text, t_compile, t_run, platform, path):
+  from modjax import sampler as sampler_lib
+  print(f"{settings_text} sparsity={sampler_lib.sparsity(out):.1%} "
+        f"(after warm-up {sampler_lib.post_warmup_sparsity(out):.1%})")
+  print(f"compile {t_compile:.1f} s, run {t_run:.1f} s on {platform}")
+  print(f"wrote {path}")
+
+
+def sample_demo(args) -> int:
+  """--model demo | tiny | export: label-conditioned pixel-space sampling."""
   import jax
   import numpy as np
 
   from modjax import callbacks, pipelines, sampler as sampler_lib
 
-  video_lib.check_output_path(args.out)
-  model = pipelines.load_model(args.model, seed=args.seed)
+  name = args.model or "demo"
+  model = pipelines.load_model(name, seed=args.seed or 0)
   d = model.defaults
+  if args.label is not None and not model.num_labels:
+    raise ValueError(f"--label: model {model.name!r} takes no label (only the demo model does)")
+  label, seed = args.label, args.seed
+  if model.num_labels:
+    if label is None:
+      label = d.showcase_label
+    if seed is None:
+      seed = d.showcase_seed
+  seed = 0 if seed is None else seed
   steps = args.steps or d.num_inference_steps
+  attention = attention_config(args, steps, d.block_size, default_top_k=0.15)
   settings = sampler_lib.SamplerSettings(
-      frames=args.frames or d.frames, height=args.height or d.height, width=args.width or d.width,
-      num_inference_steps=steps,
+      frames=args.num_frames or d.frames, height=args.height or d.height,
+      width=args.width or d.width, num_inference_steps=steps,
       guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
-      shift=d.shift if args.shift is None else args.shift,
-      attention=attention_config(args, d, steps))
-  key = jax.random.key(args.seed)
+      shift=d.shift if args.flow_shift is None else args.flow_shift, attention=attention)
+  key = jax.random.key(seed)
   kctx, knoise = jax.random.split(key)
-  context, neg_context = model.make_context(1, kctx, args.label)
+  context, neg_context = model.make_context(1, kctx, label)
+  if model.num_labels:
+    print(f"label {label} ({model.describe_label(label)}), seed {seed}")
   progress = () if args.no_progress else (callbacks.TqdmProgress(),)
   sampler = sampler_lib.Sampler(model.family, settings, callbacks=progress)
 
@@ -86,21 +229,56 @@ def sample_command(args) -> int:
   out = compiled(model.params, context, neg_context, knoise)
   latents = np.asarray(jax.block_until_ready(out.latents))
   t2 = time.perf_counter()
-
   frames = video_lib.to_frames(latents[0])
-  path = video_lib.write_video(frames, args.out, fps=args.fps)
-  sparsity = sampler_lib.sparsity(out)
-  print(f"model={model.name} video={settings.frames}x{settings.height}x{settings.width} "
-        f"steps={steps} attention={args.attention} sparsity={sparsity:.1%}")
-  print(f"compile {t1 - t0:.1f} s, run {t2 - t1:.1f} s on {jax.devices()[0].platform}")
+  path = video_lib.write_video(frames, args.out, fps=args.fps or 8)
+  _print_run("demo", out, f"model={model.name} video={settings.frames}x{settings.height}x"
+             f"{settings.width} steps={steps} attention={args.attention}",
+             t1 - t0, t2 - t1, jax.devices()[0].platform, path)
+  return 0
+
+
+def sample_wan(args) -> int:
+  """--checkpoint FOLDER --prompt: the Wan2.1 pipeline, prompt to video."""
+  import jax
+
+  from modjax import callbacks
+  from modjax.pipelines import wan as wan_pipeline
+
+  def log(line):
+    print(line, flush=True)
+
+  height = args.height or 480
+  width = args.width or 832
+  num_frames = args.num_frames or 81
+  steps = args.steps or 50
+  t0 = time.perf_counter()
+  pipe = wan_pipeline.WanPipeline.from_pretrained(args.checkpoint, dtype=args.dtype)
+  log(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s")
+  attention = attention_config(args, steps, 128, default_top_k=350)
+  progress = () if args.no_progress else (callbacks.TqdmProgress(),)
+  out = pipe(args.prompt, args.negative_prompt, height=height, width=width,
+             num_frames=num_frames, num_inference_steps=steps,
+             guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
+             attention=attention, seed=args.seed or 0, flow_shift=args.flow_shift,
+             callbacks=progress, log=log)
+  path = video_lib.write_video(out.frames, args.out, fps=args.fps or 16)
+  t = out.timings
+  print(f"video={num_frames}x{height}x{width} steps={steps} attention={args.attention} "
+        f"sparsity={out.sparsity:.1%} flow_shift={out.flow_shift}")
+  print(f"encode {t['text_encode']:.1f} s, compile {t['compile']:.1f} s, denoise "
+        f"{t['denoise']:.1f} s, decode {t['vae_decode']:.1f} s on {jax.devices()[0].platform}")
   print(f"wrote {path}")
   return 0
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
   try:
-    return sample_command(args)
+    args = _parser().parse_args(argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  try:
+    _check_args(args)
+    return sample_wan(args) if args.checkpoint else sample_demo(args)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

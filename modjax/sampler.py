@@ -14,6 +14,7 @@ latent channels, compute dtype, and the attention layout at the latent sizes.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -148,6 +149,7 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
   if loop not in ("scan", "python"):
     raise ValueError(f"loop must be 'scan' or 'python', got {loop!r}")
   family.check_latent_size(settings.frames, settings.height, settings.width)
+  check_schedule(family, settings)
 
   def run(params, context, neg_context, key):
     batch = context.shape[0]
@@ -195,6 +197,42 @@ class Sampler:
     return self._fn.lower(params, context, neg_context, key)
 
 
+def _runs_sparse(kinds, attention) -> bool:
+  if isinstance(attention, cfg_lib.DenseConfig):
+    return True
+  sparse = kinds == StepKind.SPARSE
+  if getattr(attention, "refresh", "dense") == "sparse":
+    sparse |= kinds == StepKind.REFRESH
+  return bool(sparse.any())
+
+
+def check_schedule(family, settings: SamplerSettings) -> None:
+  """A sparse attention config must compute something sparsely: ValueError when its
+  schedule never reaches a sparse step; a warning when its mask keeps every block."""
+  attention = settings.attention
+  if isinstance(attention, cfg_lib.DenseConfig):
+    return
+  policy = policies.make_policy(attention, geometry(family, settings, 1))
+  steps = settings.num_inference_steps
+  kinds = policy.step_kinds(steps)
+  if not _runs_sparse(kinds, attention):
+    what = type(attention).__name__
+    extra = (f", interval={attention.interval}, refresh={attention.refresh!r}"
+             if isinstance(attention, cfg_lib.MODConfig) else "")
+    raise ValueError(
+        f"{what}(warmup_steps={attention.warmup_steps}{extra}) with num_inference_steps="
+        f"{steps} never runs a sparse step (every step is dense, a map step or a dense "
+        f"refresh); use more steps, a shorter warm-up, a longer interval or refresh='sparse'")
+  if isinstance(policy, policies.MODPolicy):
+    from modjax import predict
+    n = policy.geom.num_blocks
+    if policy.top_k >= predict.num_candidate_lines(n):
+      warnings.warn(
+          f"MODConfig(top_k={attention.top_k!r}) keeps all {predict.num_candidate_lines(n)} "
+          f"candidate lines of an n={n} block map: every block is computed (sparsity 0%)",
+          stacklevel=3)
+
+
 def sparsity(out: SampleOutput) -> float:
   """docs/algorithm.md: 1 - mean mask density over the sparse steps (0 if none)."""
   kinds = np.asarray(out.step_kinds)
@@ -202,3 +240,13 @@ def sparsity(out: SampleOutput) -> float:
   if not sparse.any():
     return 0.0
   return float(1.0 - np.asarray(out.density)[sparse].mean())
+
+
+def post_warmup_sparsity(out: SampleOutput) -> float:
+  """1 - mean density over every step after the warm-up (dense refreshes count as
+  dense): the share of attention work saved after the warm-up (0 if none)."""
+  kinds = np.asarray(out.step_kinds)
+  after = (kinds == StepKind.SPARSE) | (kinds == StepKind.REFRESH)
+  if not after.any():
+    return 0.0
+  return float(1.0 - np.asarray(out.density)[after].mean())

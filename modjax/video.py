@@ -52,6 +52,8 @@ def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
   """
   import imageio.v2 as imageio
 
+  if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps < 1:
+    raise ValueError(f"fps must be a positive int, got {fps!r}")
   suffix = check_output_path(path)
   if suffix == ".mp4":
     try:

@@ -32,6 +32,8 @@ class ModelDefaults:
   guidance_scale: float
   shift: float
   block_size: int
+  showcase_label: int = 0     # a label and seed whose sample shows the model at its best
+  showcase_seed: int = 0
 
 
 @dataclasses.dataclass
@@ -44,6 +46,12 @@ class LoadedModel:
   make_context: Callable[..., tuple]
   pixel_space: bool
   num_labels: int = 0                # > 0: make_context takes a class label in [0, num_labels)
+
+  def describe_label(self, label: int) -> str:
+    if not self.num_labels:
+      return "no label"
+    from models.demo import data
+    return data.describe_label(int(label))
 
 
 def _random_context(text_dim: int, text_len: int):
@@ -76,7 +84,9 @@ def load_demo(path: str = demo_checkpoint.DEMO_CHECKPOINT) -> LoadedModel:
                            width=int(meta["width"]),
                            num_inference_steps=int(meta["num_inference_steps"]),
                            guidance_scale=float(meta["guidance_scale"]),
-                           shift=float(meta["shift"]), block_size=int(meta["block_size"]))
+                           shift=float(meta["shift"]), block_size=int(meta["block_size"]),
+                           showcase_label=int(meta.get("showcase_label", 0)),
+                           showcase_seed=int(meta.get("showcase_seed", 0)))
   table = {"label_embedding": params["label_embedding"]}
   num_labels = demo_checkpoint.NUM_CLASSES
 

@@ -149,7 +149,6 @@ class WanPipeline:
     self.vae_config, self.vae_params = vae_config, vae_params
     self.scheduler_config = dict(scheduler_config)
     self.name = name
-    self._encode = jax.jit(lambda p, ids, mask: text_lib.encode(text_config, p, ids, mask))
     self._decode = jax.jit(lambda p, z: vae_lib.decode(vae_config, p, z))
     self._samplers = {}
 
@@ -171,8 +170,8 @@ class WanPipeline:
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     transformer_config, transformer_params = wan.load_diffusers_transformer(
         folder / "transformer", param_dtype=dtype, dtype=dtype)
-    text_config, text_params = text_lib.load_encoder(folder / "text_encoder", param_dtype=dtype,
-                                                     dtype=dtype)
+    text_config, text_params = text_lib.load_text_encoder(folder / "text_encoder",
+                                                           param_dtype=dtype, dtype=dtype)
     tokenizer = text_lib.Tokenizer.from_folder(folder / "tokenizer")
     vae_config, vae_params = wan.load_diffusers_vae(folder / "vae")
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
@@ -234,8 +233,7 @@ class WanPipeline:
   def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
     """[B, 512, d_model] embeddings, zero past each prompt's length (diffusers' rule)."""
     return text_lib.encode_prompts(self.text_config, self.text_params, self.tokenizer,
-                                   list(prompts), max_length=MAX_SEQUENCE_LENGTH,
-                                   encode_fn=self._encode)
+                                   list(prompts), max_length=MAX_SEQUENCE_LENGTH)
 
   def _sampler(self, settings, callbacks) -> sampler_lib.Sampler:
     key = (settings, tuple(callbacks))

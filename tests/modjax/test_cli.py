@@ -1,22 +1,39 @@
-"""`python -m modjax sample`: writes a playable video; bad arguments give one clear line."""
+"""`python -m modjax sample`: writes a playable video; every bad argument gives one clear
+line before any model loads; no silent defaults."""
+
+import warnings
 
 import imageio.v2 as imageio
 import numpy as np
 import pytest
 
+from modjax import cli, video
 from modjax.cli import main
+
+TINY_MOD = ["--model", "tiny", "--steps", "6", "--attention", "mod", "--warmup-steps", "2",
+            "--interval", "2", "--refresh", "sparse", "--no-progress"]
 
 
 def test_sample_writes_a_gif_with_the_tiny_model(tmp_path, capsys):
   out = tmp_path / "tiny.gif"
-  rc = main(["sample", "--model", "tiny", "--steps", "3", "--attention", "mod", "--no-progress",
-             "--out", str(out)])
-  assert rc == 0
+  assert main(["sample"] + TINY_MOD + ["--out", str(out)]) == 0
   frames = np.stack(imageio.mimread(out))
   assert frames.shape[0] == 4 and frames.shape[1:3] == (16, 16)
   assert frames.std() > 0  # not a blank video
   text = capsys.readouterr().out
   assert "compile" in text and "run" in text and str(out) in text
+  sparsity = float(text.split("sparsity=")[1].split("%")[0])
+  assert sparsity > 0  # MOD ran sparse steps
+
+
+def _one_error_line(args, capsys, tmp_path):
+  if "--out" not in args:
+    args = args + ["--out", str(tmp_path / "x.gif")]
+  assert main(["sample", "--no-progress"] + args) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:"), captured.err
+  return err[0]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -25,10 +42,63 @@ def test_sample_writes_a_gif_with_the_tiny_model(tmp_path, capsys):
     (["--model", "tiny", "--out", "/nonexistent-folder/x.gif"], "folder does not exist"),
     (["--model", "tiny", "--out", "x.avi"], "--out must end in one of"),
     (["--model", "demo", "--label", "99"], "label must be an int in"),
+    # were silent defaults or late crashes:
+    (["--model", "tiny", "--steps", "0"], "--num-inference-steps: must be a positive int, got 0"),
+    (["--model", "tiny", "--block-size", "0"], "--block-size: must be a positive int, got 0"),
+    (["--model", "tiny", "--block-size", "96", "--attention", "mod"], "block_size must be one of"),
+    (["--model", "tiny", "--fps", "0"], "--fps: must be a positive int, got 0"),
+    (["--model", "tiny", "--attention", "mod", "--steps", "4", "--warmup-steps", "6"],
+     "never runs a sparse step"),
+    (["--model", "tiny", "--label", "3"], "takes no label"),
+    (["--model", "tiny", "--prompt", "a cat"], "--prompt needs --checkpoint"),
+    (["--checkpoint", "/nonexistent"], "--checkpoint needs --prompt"),
+    (["--checkpoint", "/nonexistent", "--prompt", "a cat"], "no Wan2.1 pipeline folder"),
+    (["--model", "tiny", "--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
+    (["--model", "tiny", "--density", "1.5"], "--density must be in (0, 1]"),
 ])
 def test_bad_arguments_give_one_clear_error_line(args, message, capsys, tmp_path):
-  if "--out" not in args:
-    args = args + ["--out", str(tmp_path / "x.gif")]
-  assert main(["sample", "--no-progress"] + args) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+  assert message in _one_error_line(args, capsys, tmp_path)
+
+
+def test_fps_zero_fails_before_sampling(capsys, tmp_path, monkeypatch):
+  """--fps 0 raised ZeroDivisionError after the whole sampling run."""
+  monkeypatch.setattr(cli, "sample_demo", lambda args: pytest.fail("sampled with --fps 0"))
+  _one_error_line(["--model", "tiny", "--fps", "0"], capsys, tmp_path)
+
+
+def test_mod_keeping_every_line_warns(tmp_path, capsys):
+  """A top_k that keeps all 3n-1 lines computes every block: say so."""
+  with pytest.warns(UserWarning, match="keeps all 11 candidate lines"):
+    assert main(["sample"] + TINY_MOD + ["--top-k", "0.999", "--out", str(tmp_path / "x.gif")]) == 0
+  assert "sparsity=0.0%" in capsys.readouterr().out
+
+
+def test_help_shows_defaults_and_units(capsys):
+  assert main(["sample", "--help"]) == 0
+  text = " ".join(capsys.readouterr().out.split())
+  for fragment in ("pixels (Wan: multiple of 16, default 480", "frames (Wan: 4k+1, default 81",
+                   "denoising steps (default 50 Wan, 25 demo)", "(default: dense)",
+                   "(default: 0.25)", "(default: sample.gif)", "attention block size in tokens"):
+    assert fragment in text, fragment
+  assert "(default: None)" not in text
+
+
+def test_mp4_writes_without_a_fork_warning(tmp_path):
+  """imageio-ffmpeg's subprocess tripped JAX's os.fork() RuntimeWarning."""
+  pytest.importorskip("imageio_ffmpeg")
+  import jax  # noqa: F401  (JAX's at-fork hook is what warned)
+  frames = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    path = video.write_video(frames, str(tmp_path / "x.mp4"), fps=4)
+  assert path.endswith(".mp4")
+  with warnings.catch_warnings():  # reading starts ffmpeg too
+    warnings.simplefilter("ignore", RuntimeWarning)
+    assert len(imageio.mimread(path)) == 4
+
+
+@pytest.mark.parametrize("fps", [0, -3, 2.5])
+def test_write_video_rejects_bad_fps(tmp_path, fps):
+  frames = np.zeros((2, 8, 8, 3), np.uint8)
+  with pytest.raises(ValueError, match="fps must be a positive int"):
+    video.write_video(frames, str(tmp_path / "x.gif"), fps=fps)
