@@ -23,13 +23,17 @@ import numpy as np
 from flax import struct
 
 from modjax import config as cfg_lib
-from modjax import policies
-from modjax.schedule import StepKind, flow_sigmas
+from modjax import policies, schedulers
+from modjax.schedule import StepKind
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
-  """Static sampling settings (sizes in latent units, as the family's model takes them)."""
+  """Static sampling settings (sizes in latent units, as the family's model takes them).
+
+  scheduler: a `modjax.schedulers` stepper (e.g. `FlowUniPC`, diffusers' Wan
+    default) for num_inference_steps steps; None means `FlowEuler` with `shift`.
+  """
   frames: int
   height: int
   width: int
@@ -37,6 +41,7 @@ class SamplerSettings:
   guidance_scale: float = 5.0
   shift: float = 5.0
   attention: cfg_lib.AttentionConfig = cfg_lib.DenseConfig()
+  scheduler: Optional[Any] = None
   record_recall: bool = False      # mask recall per step and layer (costs a dense pass)
 
   def __post_init__(self):
@@ -48,6 +53,15 @@ class SamplerSettings:
       raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}")
     if not self.shift > 0:
       raise ValueError(f"shift must be > 0, got {self.shift!r}")
+    if self.scheduler is not None and self.scheduler.num_inference_steps != self.num_inference_steps:
+      raise ValueError(
+          f"scheduler is built for {self.scheduler.num_inference_steps} steps but "
+          f"num_inference_steps={self.num_inference_steps}")
+
+  def make_scheduler(self):
+    if self.scheduler is not None:
+      return self.scheduler
+    return schedulers.FlowEuler(self.num_inference_steps, self.shift)
 
   @property
   def uses_guidance(self) -> bool:
@@ -72,14 +86,12 @@ def geometry(family, settings: SamplerSettings, rows: int) -> policies.Geometry:
   return policies.Geometry.from_layout(layout, batch=rows, block_size=block)
 
 
-def _step_inputs(settings: SamplerSettings, policy):
+def _step_inputs(settings: SamplerSettings, policy, scheduler):
   steps = settings.num_inference_steps
-  sigmas = flow_sigmas(steps, settings.shift)
   kinds = policy.step_kinds(steps)
   used = sorted(set(int(k) for k in kinds))
   branch = np.searchsorted(np.asarray(used), kinds).astype(np.int32)
-  xs = dict(sigma=sigmas[:-1], sigma_next=sigmas[1:], branch=branch,
-            step=np.arange(steps, dtype=np.int32))
+  xs = dict(sched=scheduler.step_inputs(), branch=branch, step=np.arange(steps, dtype=np.int32))
   return xs, [StepKind(k) for k in used], kinds
 
 
@@ -90,10 +102,11 @@ def _host_callbacks(callbacks: Sequence[Callable[[int, int], None]]):
   return call
 
 
-def make_step(family, settings: SamplerSettings, policy, used_kinds, params, context,
+def make_step(family, settings: SamplerSettings, policy, scheduler, used_kinds, params, context,
               callbacks: Sequence[Callable] = ()):
   """The body shared by the scan and the Python-loop modes:
-  (carry, xs) -> (carry, (density [L], mask recall [L]))."""
+  (carry, xs) -> (carry, (density [L], mask recall [L])); carry = (latents, policy
+  state, scheduler state)."""
   guidance = settings.uses_guidance
   steps = settings.num_inference_steps
   num_layers = policy.geom.num_layers
@@ -115,9 +128,9 @@ def make_step(family, settings: SamplerSettings, policy, used_kinds, params, con
   branches = [branch_fn(k) for k in used_kinds]
 
   def step(carry, xs):
-    latents, state = carry
+    latents, state, sched_state = carry
     x_in = jnp.concatenate([latents, latents], axis=0) if guidance else latents
-    t = jnp.full((x_in.shape[0],), xs["sigma"] * 1000.0, jnp.float32)
+    t = jnp.full((x_in.shape[0],), xs["sched"]["timestep"], jnp.float32)
     operand = (x_in.astype(family.dtype), t, state)
     if len(branches) == 1:
       velocity, state, per_step = branches[0](operand)
@@ -126,22 +139,23 @@ def make_step(family, settings: SamplerSettings, policy, used_kinds, params, con
     if guidance:
       v_cond, v_uncond = jnp.split(velocity, 2, axis=0)
       velocity = v_uncond + settings.guidance_scale * (v_cond - v_uncond)
-    latents = latents + (xs["sigma_next"] - xs["sigma"]) * velocity
+    latents, sched_state = scheduler.step(sched_state, latents, velocity, xs["sched"])
     if notify is not None:
       # depends on the new latents, so it fires when this step's work is done
       jax.debug.callback(notify, xs["step"], steps, latents.ravel()[0], ordered=True)
-    return (latents, state), per_step
+    return (latents, state, sched_state), per_step
 
   return step
 
 
 def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
               callbacks: Sequence[Callable[[int, int], None]] = ()) -> Callable:
-  """A pure function (params, context, neg_context, key) -> SampleOutput.
+  """A pure function (params, context, neg_context, key, noise=None) -> SampleOutput.
 
   family: a `models.family.Family` (e.g. `models.wan.WanFamily(config)`).
   context, neg_context: [B, L, text_dim] (neg_context is ignored without
-  guidance). callbacks: host functions fn(step, num_steps) called after each
+  guidance). noise: optional initial latents float32 [B, C, F, H, W] (else a
+  unit Gaussian drawn from key). callbacks: host functions fn(step, num_steps) called after each
   step (progress bars, step timers). Not jitted: `Sampler` jits it; tests wrap
   it to count traces. loop="python" runs the same step body in a Python loop,
   for debugging.
@@ -151,16 +165,23 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
   family.check_latent_size(settings.frames, settings.height, settings.width)
   check_schedule(family, settings)
 
-  def run(params, context, neg_context, key):
+  scheduler = settings.make_scheduler()
+
+  def run(params, context, neg_context, key, noise=None):
     batch = context.shape[0]
     rows = 2 * batch if settings.uses_guidance else batch
     policy = policies.make_policy(settings.attention, geometry(family, settings, rows))
     ctx = jnp.concatenate([context, neg_context], axis=0) if settings.uses_guidance else context
     shape = (batch, family.latent_channels, settings.frames, settings.height, settings.width)
-    latents = jax.random.normal(key, shape, jnp.float32)
-    xs, used, kinds = _step_inputs(settings, policy)
-    step = make_step(family, settings, policy, used, params, ctx, callbacks)
-    carry = (latents, policy.init())
+    if noise is None:
+      latents = jax.random.normal(key, shape, jnp.float32)
+    elif tuple(noise.shape) != shape:
+      raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    else:
+      latents = noise.astype(jnp.float32)
+    xs, used, kinds = _step_inputs(settings, policy, scheduler)
+    step = make_step(family, settings, policy, scheduler, used, params, ctx, callbacks)
+    carry = (latents, policy.init(), scheduler.init(latents))
     if loop == "scan":
       carry, (density, recall) = jax.lax.scan(step, carry, jax.tree.map(jnp.asarray, xs))
     else:
@@ -170,7 +191,7 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
         carry, d = jstep(carry, jax.tree.map(lambda a: jnp.asarray(a[i]), xs))
         per_step.append(d)
       density, recall = (jnp.stack(x) for x in zip(*per_step))
-    latents, state = carry
+    latents, state, _ = carry
     return SampleOutput(latents=latents, density=density, step_kinds=jnp.asarray(kinds),
                         state=state, mask_recall=recall if settings.record_recall else None)
 
@@ -190,11 +211,11 @@ class Sampler:
     self.family, self.settings = family, settings
     self._fn = jax.jit(sample_fn(family, settings, callbacks=callbacks))
 
-  def __call__(self, params, context, neg_context, key) -> SampleOutput:
-    return self._fn(params, context, neg_context, key)
+  def __call__(self, params, context, neg_context, key, noise=None) -> SampleOutput:
+    return self._fn(params, context, neg_context, key, noise)
 
-  def lower(self, params, context, neg_context, key):
-    return self._fn.lower(params, context, neg_context, key)
+  def lower(self, params, context, neg_context, key, noise=None):
+    return self._fn.lower(params, context, neg_context, key, noise)
 
 
 def _runs_sparse(kinds, attention) -> bool:

@@ -235,11 +235,16 @@ class WanPipeline:
     return text_lib.encode_prompts(self.text_config, self.text_params, self.tokenizer,
                                    list(prompts), max_length=MAX_SEQUENCE_LENGTH)
 
-  def _sampler(self, settings, callbacks) -> sampler_lib.Sampler:
-    key = (settings, tuple(callbacks))
-    if key not in self._samplers:
-      self._samplers[key] = sampler_lib.Sampler(self.family, settings, callbacks=callbacks)
-    return self._samplers[key]
+  def _compiled_sampler(self, settings, callbacks, args):
+    """(compiled sampler, seconds spent compiling: 0 when cached). One compile per
+    settings, callbacks and batch size, for the life of the pipeline."""
+    key = (settings, tuple(callbacks), args[1].shape, args[-1] is None)
+    if key in self._samplers:
+      return self._samplers[key], 0.0
+    t0 = time.perf_counter()
+    compiled = sampler_lib.Sampler(self.family, settings, callbacks=callbacks).lower(*args).compile()
+    self._samplers[key] = compiled
+    return compiled, time.perf_counter() - t0
 
   def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt=None, *,
                height: int = 480, width: int = 832, num_frames: int = 81,
@@ -297,15 +302,13 @@ class WanPipeline:
     context, neg = context.astype(dtype), neg.astype(dtype)
     key = jax.random.key(seed)
     noise = None if latents is None else jnp.asarray(latents, jnp.float32)
-    sampler = self._sampler(settings, tuple(callbacks))
-    t0 = time.perf_counter()
-    compiled = sampler.lower(self.transformer_params, context, neg, key, noise).compile()
-    timings["compile"] = time.perf_counter() - t0
+    args = (self.transformer_params, context, neg, key, noise)
+    compiled, timings["compile"] = self._compiled_sampler(settings, callbacks, args)
     say(f"compiled the {num_inference_steps}-step sampler in {timings['compile']:.1f} s "
         f"({settings.frames}x{settings.height}x{settings.width} latents, "
         f"{self.family.config.tokens(*latent)} tokens, flow_shift {flow_shift})")
     t0 = time.perf_counter()
-    out = compiled(self.transformer_params, context, neg, key, noise)
+    out = compiled(*args)
     z = jax.block_until_ready(out.latents)
     timings["denoise"] = time.perf_counter() - t0
     sparsity = sampler_lib.sparsity(out)
