@@ -5,6 +5,7 @@ Public API:
   fit_pattern_features, PatternFeatures, predict_mask: ALGORITHM.md sections 2-3.
   MODConfig, DenseConfig, StaticWindowConfig, OracleConfig, warmup_reuse: policies.
   Sampler, SamplerSettings, sample_fn, SampleOutput, sparsity: the sampler.
+  FlowEuler, FlowUniPC, from_diffusers_config: schedulers as scan steppers.
 """
 
 from modjax.config import (
@@ -20,10 +21,12 @@ from modjax.policies import Geometry, MODState
 from modjax.predict import max_row_width, predict_mask
 from modjax.sampler import SampleOutput, Sampler, SamplerSettings, sample_fn, sparsity
 from modjax.schedule import StepKind, flow_sigmas, mod_step_kinds
+from modjax.schedulers import FlowEuler, FlowUniPC, from_diffusers_config
 
 __all__ = [
-    "DenseConfig", "Geometry", "MODConfig", "MODState", "OracleConfig", "PatternFeatures",
+    "DenseConfig", "FlowEuler", "FlowUniPC", "Geometry", "MODConfig", "MODState", "OracleConfig",
+    "PatternFeatures",
     "SampleOutput", "Sampler", "SamplerSettings", "StaticMaskConfig", "StaticWindowConfig", "StepKind",
-    "fit_pattern_features", "flow_sigmas", "max_row_width", "mod_step_kinds",
+    "fit_pattern_features", "flow_sigmas", "from_diffusers_config", "max_row_width", "mod_step_kinds",
     "predict_mask", "reconstruct_map", "sample_fn", "sparsity", "warmup_reuse",
 ]
