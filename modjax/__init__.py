@@ -6,6 +6,7 @@ Public API:
   MODConfig, DenseConfig, StaticWindowConfig, OracleConfig, warmup_reuse: policies.
   Sampler, SamplerSettings, sample_fn, SampleOutput, sparsity: the sampler.
   AttentionControl: what a step asks of attention. callbacks: progress and timers.
+  FlowEuler, FlowUniPC, from_diffusers_config: schedulers as scan steppers.
 """
 
 from modjax.config import (
@@ -22,10 +23,12 @@ from modjax.policies import Geometry, MODState
 from modjax.predict import max_row_width, predict_mask
 from modjax.sampler import SampleOutput, Sampler, SamplerSettings, sample_fn, sparsity
 from modjax.schedule import StepKind, flow_sigmas, mod_step_kinds
+from modjax.schedulers import FlowEuler, FlowUniPC, from_diffusers_config
 
 __all__ = [
-    "AttentionControl", "DenseConfig", "Geometry", "MODConfig", "MODState", "OracleConfig", "PatternFeatures",
+    "AttentionControl", "DenseConfig", "FlowEuler", "FlowUniPC", "Geometry", "MODConfig",
+    "MODState", "OracleConfig", "PatternFeatures",
     "SampleOutput", "Sampler", "SamplerSettings", "StaticMaskConfig", "StaticWindowConfig", "StepKind",
-    "fit_pattern_features", "flow_sigmas", "max_row_width", "mod_step_kinds",
+    "fit_pattern_features", "flow_sigmas", "from_diffusers_config", "max_row_width", "mod_step_kinds",
     "predict_mask", "reconstruct_map", "sample_fn", "sparsity", "warmup_reuse",
 ]
