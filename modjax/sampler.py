@@ -212,10 +212,14 @@ class Sampler:
     self._fn = jax.jit(sample_fn(family, settings, callbacks=callbacks))
 
   def __call__(self, params, context, neg_context, key, noise=None) -> SampleOutput:
-    return self._fn(params, context, neg_context, key, noise)
+    args = (params, context, neg_context, key) + (() if noise is None else (noise,))
+    return self._fn(*args)
 
   def lower(self, params, context, neg_context, key, noise=None):
-    return self._fn.lower(params, context, neg_context, key, noise)
+    """Lowered for these arguments; `.compile()` gives a function of the same arguments
+    (noise included only when given here)."""
+    args = (params, context, neg_context, key) + (() if noise is None else (noise,))
+    return self._fn.lower(*args)
 
 
 def _runs_sparse(kinds, attention) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -238,11 +238,12 @@ class WanPipeline:
   def _compiled_sampler(self, settings, callbacks, args):
     """(compiled sampler, seconds spent compiling: 0 when cached). One compile per
     settings, callbacks and batch size, for the life of the pipeline."""
-    key = (settings, tuple(callbacks), args[1].shape, args[-1] is None)
+    key = (settings, tuple(callbacks), args[1].shape, len(args))
     if key in self._samplers:
       return self._samplers[key], 0.0
     t0 = time.perf_counter()
-    compiled = sampler_lib.Sampler(self.family, settings, callbacks=callbacks).lower(*args).compile()
+    sampler = sampler_lib.Sampler(self.family, settings, callbacks=callbacks)
+    compiled = sampler.lower(*args).compile()
     self._samplers[key] = compiled
     return compiled, time.perf_counter() - t0
 
@@ -302,7 +303,7 @@ class WanPipeline:
     context, neg = context.astype(dtype), neg.astype(dtype)
     key = jax.random.key(seed)
     noise = None if latents is None else jnp.asarray(latents, jnp.float32)
-    args = (self.transformer_params, context, neg, key, noise)
+    args = (self.transformer_params, context, neg, key) + (() if noise is None else (noise,))
     compiled, timings["compile"] = self._compiled_sampler(settings, callbacks, args)
     say(f"compiled the {num_inference_steps}-step sampler in {timings['compile']:.1f} s "
         f"({settings.frames}x{settings.height}x{settings.width} latents, "

@@ -8,9 +8,11 @@ per step, depend on the state and on the exact timestep the scheduler hands out.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
+from typing import Any
 
 import chex
 import jax
@@ -18,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
 import modjax
 from modjax import schedulers as S
 from modjax.schedule import flow_sigmas
@@ -334,28 +335,59 @@ def test_bf16_model_output_and_jit_static_scheduler():
 
 # --- Euler ---------------------------------------------------------------------------------------
 
-def test_flow_euler_equals_the_sampler_euler_update(monkeypatch):
-  """The current sampler (fake model patched in) and FlowEuler in our scan agree to float32."""
-  config = models.DiTConfig.tiny()
-  steps, shift = 6, 3.0
+@dataclasses.dataclass(frozen=True)
+class _FakeFamily:
+  """A `models.family.Family` whose "model" is a fixed function of (x, t): the sampler's
+  wiring of schedulers, without a transformer."""
+  name: str = "fake"
+  latent_channels: int = 4
+  dtype: Any = jnp.float32
 
-  def velocity(x, t):
-    t = jnp.reshape(t, (-1,) + (1,) * (x.ndim - 1))
-    return 0.3 * x * (t * 0.002 - 1.0) + t * 0.004
+  def check_latent_size(self, frames, height, width):
+    pass
 
-  monkeypatch.setattr(models, "apply", lambda cfg, params, x, t, ctx, control: (velocity(x, t), {}))
-  settings = modjax.SamplerSettings(frames=2, height=4, width=4, num_inference_steps=steps,
-                                    guidance_scale=1.0, shift=shift)
+  def attention_layout(self, frames, height, width):
+    from models.family import AttentionLayout
+    n = frames * height * width
+    return AttentionLayout(num_layers=1, num_heads=1, head_dim=8, seq_len=n, video_start=0,
+                           video_tokens=n, tokens_per_frame=height * width)
+
+  def apply(self, params, x, t, context, control=None):
+    return _fake_velocity(x, t), {}
+
+
+def _fake_velocity(x, t):
+  t = jnp.reshape(t, (-1,) + (1,) * (x.ndim - 1))
+  return 0.3 * x * (t * 0.002 - 1.0) + t * 0.004
+
+
+@pytest.mark.parametrize("sched", [S.FlowEuler(6, shift=3.0), S.FlowUniPC(6, flow_shift=3.0)],
+                         ids=["euler", "unipc"])
+def test_sampler_runs_the_scheduler_it_is_given(sched):
+  """modjax.Sampler with a scheduler equals scan_schedule on the same model: the sampler
+  feeds the scheduler's own timesteps and its carry, step by step."""
+  settings = modjax.SamplerSettings(frames=2, height=4, width=4, num_inference_steps=6,
+                                    guidance_scale=1.0, scheduler=sched)
   key = jax.random.key(3)
-  ctx = jnp.zeros((1, 8, config.text_dim))
-  out = jax.jit(modjax.sample_fn(config, settings))({}, ctx, ctx, key)
-
-  sched = S.FlowEuler(steps, shift=shift)
-  np.testing.assert_array_equal(sched.sigmas(), flow_sigmas(steps, shift))
-  latents = jax.random.normal(key, (1, config.in_channels, 2, 4, 4), jnp.float32)
-  ours, _ = jax.jit(lambda x: S.scan_schedule(sched, lambda x, t, e: velocity(x, t), x))(latents)
+  ctx = jnp.zeros((1, 8, 16))
+  out = jax.jit(modjax.sample_fn(_FakeFamily(), settings))({}, ctx, ctx, key)
+  latents = jax.random.normal(key, (1, 4, 2, 4, 4), jnp.float32)
+  ours, _ = jax.jit(lambda x: S.scan_schedule(sched, lambda x, t, e: _fake_velocity(x, t), x))(
+      latents)
   # not bit-equal: XLA:CPU contracts multiply-adds differently per fusion (a few ulps)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(out.latents), rtol=0, atol=2e-6)
+
+
+def test_flow_euler_is_the_explicit_euler_step_on_flow_sigmas():
+  sched = S.FlowEuler(6, shift=3.0)
+  np.testing.assert_array_equal(sched.sigmas(), flow_sigmas(6, 3.0))
+  x = np.random.default_rng(0).standard_normal((1, 4, 2, 4, 4)).astype(np.float32)
+  ref = x.copy()
+  sig = flow_sigmas(6, 3.0).astype(np.float64)
+  for i in range(6):
+    ref = ref + (sig[i + 1] - sig[i]) * np.asarray(_fake_velocity(ref, np.float32(1000 * sig[i])))
+  ours, _ = jax.jit(lambda x: S.scan_schedule(sched, lambda x, t, e: _fake_velocity(x, t), x))(x)
+  np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-5)
 
 
 def _diffusers_euler_run(sched, n):
