@@ -33,6 +33,10 @@ class AttentionControl:
   block_mask: bool [L, B, H, n, n] (one slice per layer), or a
     `pallas_kernels.BlockTable` with the same leading axes; None for dense modes.
   Cross-attention is always dense, through `implementation`.
+  parallel: a `modjax.sharding.Parallel` (static): both attentions run under its
+    mesh (Ulysses all-to-alls around self-attention); None calls the kernels
+    directly. head_order: int32 [L, B, H] (slot -> head) under head balancing:
+    block_mask and the sparsity map are in slot order (see modjax.sharding).
   """
 
   block_mask: Optional[Any] = None
@@ -45,6 +49,8 @@ class AttentionControl:
   # Diagnostic: also return "mask_recall" [B, H], the share of the dense softmax
   # mass inside the mask used (sparse modes only; costs a dense pass).
   record_recall: bool = struct.field(pytree_node=False, default=False)
+  head_order: Optional[Any] = None
+  parallel: Optional[Any] = struct.field(pytree_node=False, default=None)
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -61,12 +67,22 @@ class AttentionControl:
     return self.mode.endswith("_map")
 
   def cross_attention(self, q, k, v):
-    return dense_attention(q, k, v, implementation=self.implementation)
+    attend = lambda q, k, v: dense_attention(q, k, v, implementation=self.implementation)
+    if self.parallel is not None:
+      return self.parallel.cross_attention(attend, q, k, v)
+    return attend(q, k, v)
 
   def self_attention(self, q, k, v):
     """(out [B, S, H, D], stats): stats holds "sparsity_map" (float32 [B, H, n, n])
     for the *_map modes and "mask_recall" when asked, so scanned layers stack
     them into [L, ...]."""
+    if self.parallel is not None:
+      order = None if self.mode == "dense" else self.head_order
+      return self.parallel.self_attention(self._self_attention, q, k, v, self.block_mask, order)
+    return self._self_attention(q, k, v, self.block_mask)
+
+  def _self_attention(self, q, k, v, block_mask):
+    """self_attention on the heads at hand, with their block_mask (not self's)."""
     if self.mode == "dense":
       return dense_attention(q, k, v, implementation=self.implementation), {}
     if self.mode == "oracle":
@@ -79,12 +95,12 @@ class AttentionControl:
       return out, self._recall_stats(q, k, mask)
     if self.mode == "sparse":
       out = pallas_kernels.block_sparse_attention(
-          q, k, v, self.block_mask, block_size=self.block_size,
+          q, k, v, block_mask, block_size=self.block_size,
           implementation=self.sparse_implementation)
-      return out, self._recall_stats(q, k, self.block_mask)
+      return out, self._recall_stats(q, k, block_mask)
     # Both *_map modes run our flash pass (which yields the row log-sum-exp the
     # map needs) and the QK-only map pass; dense_map passes no mask.
-    block_mask = self.block_mask if self.mode == "sparse_map" else None
+    block_mask = block_mask if self.mode == "sparse_map" else None
     out, smap = pallas_kernels.block_sparse_attention_with_map(
         q, k, v, block_mask, block_size=self.block_size, threshold=self.threshold,
         implementation=self.sparse_implementation)

@@ -24,6 +24,7 @@ from flax import struct
 
 from modjax import config as cfg_lib
 from modjax import policies, schedulers
+from modjax import sharding as sharding_lib
 from modjax.schedule import StepKind
 
 
@@ -77,6 +78,9 @@ class SampleOutput:
   # float32 [steps, L] with record_recall: share of the dense attention mass of
   # that step inside the mask used (1 on dense steps); else None.
   mask_recall: Optional[jax.Array] = None
+  # int32 [L, B, H] under head balancing (modjax.sharding): slot -> head, the
+  # layout of `state`'s head axis (modjax.sharding.to_natural_order re-lays it).
+  head_order: Optional[jax.Array] = None
 
 
 def geometry(family, settings: SamplerSettings, rows: int) -> policies.Geometry:
@@ -103,11 +107,15 @@ def _host_callbacks(callbacks: Sequence[Callable[[int, int], None]]):
 
 
 def make_step(family, settings: SamplerSettings, policy, scheduler, used_kinds, params, context,
-              callbacks: Sequence[Callable] = ()):
+              callbacks: Sequence[Callable] = (), par: Optional[sharding_lib.Parallel] = None):
   """The body shared by the scan and the Python-loop modes:
   (carry, xs) -> (carry, (density [L], mask recall [L])); carry = (latents, policy
-  state, scheduler state)."""
+  state, scheduler state). par: the mesh layout (None: no sharding constraints)."""
   guidance = settings.uses_guidance
+  replicate = (lambda x: x) if par is None else (lambda x: par.constrain(x, sharding_lib.REPLICATED))
+  by_rows = (lambda x: x) if par is None else (lambda x: par.constrain(x, sharding_lib.ROWS))
+  # jax orders host callbacks only on one device
+  ordered = par is None or par.size == 1
   steps = settings.num_inference_steps
   num_layers = policy.geom.num_layers
   notify = _host_callbacks(tuple(callbacks)) if callbacks else None
@@ -129,7 +137,7 @@ def make_step(family, settings: SamplerSettings, policy, scheduler, used_kinds, 
 
   def step(carry, xs):
     latents, state, sched_state = carry
-    x_in = jnp.concatenate([latents, latents], axis=0) if guidance else latents
+    x_in = by_rows(jnp.concatenate([latents, latents], axis=0) if guidance else latents)
     t = jnp.full((x_in.shape[0],), xs["sched"]["timestep"], jnp.float32)
     operand = (x_in.astype(family.dtype), t, state)
     if len(branches) == 1:
@@ -139,17 +147,18 @@ def make_step(family, settings: SamplerSettings, policy, scheduler, used_kinds, 
     if guidance:
       v_cond, v_uncond = jnp.split(velocity, 2, axis=0)
       velocity = v_uncond + settings.guidance_scale * (v_cond - v_uncond)
-    latents, sched_state = scheduler.step(sched_state, latents, velocity, xs["sched"])
+    latents, sched_state = replicate(scheduler.step(sched_state, latents, velocity, xs["sched"]))
     if notify is not None:
       # depends on the new latents, so it fires when this step's work is done
-      jax.debug.callback(notify, xs["step"], steps, latents.ravel()[0], ordered=True)
+      jax.debug.callback(notify, xs["step"], steps, latents.ravel()[0], ordered=ordered)
     return (latents, state, sched_state), per_step
 
   return step
 
 
 def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
-              callbacks: Sequence[Callable[[int, int], None]] = ()) -> Callable:
+              callbacks: Sequence[Callable[[int, int], None]] = (),
+              mesh=None) -> Callable:
   """A pure function (params, context, neg_context, key, noise=None) -> SampleOutput.
 
   family: a `models.family.Family` (e.g. `models.wan.WanFamily(config)`).
@@ -158,12 +167,17 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
   unit Gaussian drawn from key). callbacks: host functions fn(step, num_steps) called after each
   step (progress bars, step timers). Not jitted: `Sampler` jits it; tests wrap
   it to count traces. loop="python" runs the same step body in a Python loop,
-  for debugging.
+  for debugging. mesh: a `jax.sharding.Mesh` from `modjax.sharding.make_mesh`
+  (axes "cfg", "seq"), a `modjax.sharding.Parallel`, or None for the mesh of
+  size 1 (the first device); see modjax.sharding for the layout.
   """
   if loop not in ("scan", "python"):
     raise ValueError(f"loop must be 'scan' or 'python', got {loop!r}")
   family.check_latent_size(settings.frames, settings.height, settings.width)
   check_schedule(family, settings)
+  par = sharding_lib.resolve(mesh)
+  layout = family.attention_layout(settings.frames, settings.height, settings.width)
+  par.check(heads=layout.num_heads, rows=par.cfg, what=f"{family.name} ({layout.num_heads} heads)")
 
   scheduler = settings.make_scheduler()
 
@@ -171,7 +185,10 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
     batch = context.shape[0]
     rows = 2 * batch if settings.uses_guidance else batch
     policy = policies.make_policy(settings.attention, geometry(family, settings, rows))
+    policy = sharding_lib.MeshPolicy(policy, par, policy.step_kinds(settings.num_inference_steps))
     ctx = jnp.concatenate([context, neg_context], axis=0) if settings.uses_guidance else context
+    ctx = par.constrain(ctx, sharding_lib.ROWS)
+    params = par.params_constraint(params)
     shape = (batch, family.latent_channels, settings.frames, settings.height, settings.width)
     if noise is None:
       latents = jax.random.normal(key, shape, jnp.float32)
@@ -179,8 +196,9 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
       raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
     else:
       latents = noise.astype(jnp.float32)
+    latents = par.constrain(latents, sharding_lib.REPLICATED)
     xs, used, kinds = _step_inputs(settings, policy, scheduler)
-    step = make_step(family, settings, policy, scheduler, used, params, ctx, callbacks)
+    step = make_step(family, settings, policy, scheduler, used, params, ctx, callbacks, par)
     carry = (latents, policy.init(), scheduler.init(latents))
     if loop == "scan":
       carry, (density, recall) = jax.lax.scan(step, carry, jax.tree.map(jnp.asarray, xs))
@@ -192,8 +210,10 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
         per_step.append(d)
       density, recall = (jnp.stack(x) for x in zip(*per_step))
     latents, state, _ = carry
+    state, head_order = policy.output(state)
     return SampleOutput(latents=latents, density=density, step_kinds=jnp.asarray(kinds),
-                        state=state, mask_recall=recall if settings.record_recall else None)
+                        state=state, mask_recall=recall if settings.record_recall else None,
+                        head_order=head_order)
 
   return run
 
@@ -204,22 +224,31 @@ class Sampler:
 
   >>> sampler = Sampler(WanFamily(config), SamplerSettings(frames=16, height=32, width=32))
   >>> out = sampler(params, context, neg_context, jax.random.key(0))
+
+  mesh: see `sample_fn` (None: the first device). Calls place their arguments on
+  the mesh (`place`); a compiled `lower(...).compile()` takes placed arguments.
   """
 
   def __init__(self, family, settings: SamplerSettings, *,
-               callbacks: Sequence[Callable[[int, int], None]] = ()):
+               callbacks: Sequence[Callable[[int, int], None]] = (), mesh=None):
     self.family, self.settings = family, settings
-    self._fn = jax.jit(sample_fn(family, settings, callbacks=callbacks))
+    self.parallel = sharding_lib.resolve(mesh)
+    self._fn = jax.jit(sample_fn(family, settings, callbacks=callbacks, mesh=self.parallel))
+
+  def place(self, params, context, neg_context, key, noise=None) -> tuple:
+    """The arguments on the mesh: params replicated (or FSDP), the rest replicated."""
+    par = self.parallel
+    rep = par.sharding(sharding_lib.REPLICATED)
+    rest = jax.device_put((context, neg_context, key) + (() if noise is None else (noise,)), rep)
+    return (par.place_params(params),) + tuple(rest)
 
   def __call__(self, params, context, neg_context, key, noise=None) -> SampleOutput:
-    args = (params, context, neg_context, key) + (() if noise is None else (noise,))
-    return self._fn(*args)
+    return self._fn(*self.place(params, context, neg_context, key, noise))
 
   def lower(self, params, context, neg_context, key, noise=None):
-    """Lowered for these arguments; `.compile()` gives a function of the same arguments
-    (noise included only when given here)."""
-    args = (params, context, neg_context, key) + (() if noise is None else (noise,))
-    return self._fn.lower(*args)
+    """Lowered for these arguments, placed on the mesh; `.compile()` gives a function of
+    the same arguments (noise included only when given here), placed by `place`."""
+    return self._fn.lower(*self.place(params, context, neg_context, key, noise))
 
 
 def _runs_sparse(kinds, attention) -> bool:
