@@ -138,8 +138,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of blocks kept by the oracle and static-window baselines, in (0, 1]")
   att.add_argument("--block-size", type=_positive_int, default=None,
                    help="attention block size in tokens, 64 or 128 (default 128)")
+  par = s.add_argument_group("devices")
+  par.add_argument("--devices", type=_positive_int, default=None,
+                   help="devices to run the denoising loop on (sequence parallel: Ulysses over "
+                        "the heads; the degree must divide the head count); default 1")
+  par.add_argument("--cfg-parallel", action="store_true",
+                   help="put the conditional and unconditional passes of guidance on different "
+                        "devices (needs an even --devices and --guidance-scale > 1)")
+  par.add_argument("--shard-weights", action="store_true",
+                   help="split the big weights over the devices (FSDP), for models that do not "
+                        "fit on one device")
   s.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
+
+
+def mesh_from_args(args):
+  """The `modjax.sharding.Parallel` of --devices / --cfg-parallel / --shard-weights."""
+  from modjax import sharding  # pylint: disable=import-outside-toplevel
+  cfg = 2 if args.cfg_parallel else 1
+  mesh = sharding.make_mesh(args.devices or 1, cfg=cfg)
+  return sharding.Parallel(mesh, shard_weights=args.shard_weights)
 
 
 def attention_config(args, num_steps: int, block_size: int, default_top_k):
@@ -166,6 +184,11 @@ def _check_args(args) -> None:
     raise ValueError(f"--density must be in (0, 1], got {args.density}")
   if args.guidance_scale is not None and not args.guidance_scale >= 1:
     raise ValueError(f"--guidance-scale must be >= 1 (1 disables guidance), got {args.guidance_scale}")
+  if args.cfg_parallel:
+    if (args.devices or 1) % 2:
+      raise ValueError(f"--cfg-parallel needs an even --devices, got {args.devices or 1}")
+    if args.guidance_scale == 1:
+      raise ValueError("--cfg-parallel needs classifier-free guidance (--guidance-scale > 1)")
   if args.checkpoint is not None:
     if args.model is not None:
       raise ValueError("--model and --checkpoint are exclusive: --checkpoint takes a diffusers "
@@ -187,6 +210,13 @@ def _print_run(kind, out, settings_text, t_compile, t_run, platform, path):
         f"(after warm-up {sampler_lib.post_warmup_sparsity(out):.1%})")
   print(f"compile {t_compile:.1f} s, run {t_run:.1f} s on {platform}")
   print(f"wrote {path}")
+
+
+def _where(args) -> str:
+  import jax
+  n = args.devices or 1
+  return jax.devices()[0].platform + (f" x {n}" + (" (cfg parallel)" if args.cfg_parallel else "")
+                                      if n > 1 else "")
 
 
 def sample_demo(args) -> int:
@@ -221,19 +251,21 @@ def sample_demo(args) -> int:
   if model.num_labels:
     print(f"label {label} ({model.describe_label(label)}), seed {seed}")
   progress = () if args.no_progress else (callbacks.TqdmProgress(),)
-  sampler = sampler_lib.Sampler(model.family, settings, callbacks=progress)
+  sampler = sampler_lib.Sampler(model.family, settings, callbacks=progress,
+                                mesh=mesh_from_args(args))
 
   t0 = time.perf_counter()
-  compiled = sampler.lower(model.params, context, neg_context, knoise).compile()
+  placed = sampler.place(model.params, context, neg_context, knoise)
+  compiled = sampler.lower(*placed).compile()
   t1 = time.perf_counter()
-  out = compiled(model.params, context, neg_context, knoise)
+  out = compiled(*placed)
   latents = np.asarray(jax.block_until_ready(out.latents))
   t2 = time.perf_counter()
   frames = video_lib.to_frames(latents[0])
   path = video_lib.write_video(frames, args.out, fps=args.fps or 8)
   _print_run("demo", out, f"model={model.name} video={settings.frames}x{settings.height}x"
              f"{settings.width} steps={steps} attention={args.attention}",
-             t1 - t0, t2 - t1, jax.devices()[0].platform, path)
+             t1 - t0, t2 - t1, _where(args), path)
   return 0
 
 
@@ -252,7 +284,8 @@ def sample_wan(args) -> int:
   num_frames = args.num_frames or 81
   steps = args.steps or 50
   t0 = time.perf_counter()
-  pipe = wan_pipeline.WanPipeline.from_pretrained(args.checkpoint, dtype=args.dtype)
+  pipe = wan_pipeline.WanPipeline.from_pretrained(args.checkpoint, dtype=args.dtype,
+                                                  mesh=mesh_from_args(args))
   log(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s")
   attention = attention_config(args, steps, 128, default_top_k=350)
   progress = () if args.no_progress else (callbacks.TqdmProgress(),)
@@ -266,7 +299,7 @@ def sample_wan(args) -> int:
   print(f"video={num_frames}x{height}x{width} steps={steps} attention={args.attention} "
         f"sparsity={out.sparsity:.1%} flow_shift={out.flow_shift}")
   print(f"encode {t['text_encode']:.1f} s, compile {t['compile']:.1f} s, denoise "
-        f"{t['denoise']:.1f} s, decode {t['vae_decode']:.1f} s on {jax.devices()[0].platform}")
+        f"{t['denoise']:.1f} s, decode {t['vae_decode']:.1f} s on {_where(args)}")
   print(f"wrote {path}")
   return 0
 

@@ -36,6 +36,7 @@ from models.weights import read_json
 from modjax import config as cfg_lib
 from modjax import memory, schedulers
 from modjax import sampler as sampler_lib
+from modjax import sharding as sharding_lib
 
 PIPELINE_CLASS = "WanPipeline"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -142,9 +143,12 @@ class WanPipeline:
   """Text-to-video with a Wan2.1 checkpoint: UMT5 -> DiT denoising scan -> Wan VAE."""
 
   def __init__(self, *, transformer_config, transformer_params, text_config, text_params,
-               tokenizer, vae_config, vae_params, scheduler_config: dict, name: str = "wan"):
+               tokenizer, vae_config, vae_params, scheduler_config: dict, name: str = "wan",
+               mesh=None):
     self.family = wan.WanFamily(transformer_config)
-    self.transformer_params = transformer_params
+    # the denoiser's default mesh (None: one device); its params live there
+    self.mesh = mesh
+    self.transformer_params = sharding_lib.resolve(mesh).place_params(transformer_params)
     self.text_config, self.text_params, self.tokenizer = text_config, text_params, tokenizer
     self.vae_config, self.vae_params = vae_config, vae_params
     self.scheduler_config = dict(scheduler_config)
@@ -153,8 +157,12 @@ class WanPipeline:
     self._samplers = {}
 
   @classmethod
-  def from_pretrained(cls, folder, *, dtype: Optional[str] = None) -> "WanPipeline":
+  def from_pretrained(cls, folder, *, dtype: Optional[str] = None, mesh=None) -> "WanPipeline":
     """Loads every component of a diffusers Wan2.1 folder.
+
+    mesh: the denoiser's default mesh (`modjax.sharding.make_mesh` or a
+    `modjax.sharding.Parallel`, e.g. with shard_weights=True for 14B); the
+    transformer's params are placed on it once, here.
 
     dtype: parameter and compute dtype of the transformer and text encoder,
     "bfloat16" or "float32"; default bfloat16 on accelerators, float32 on CPU.
@@ -183,7 +191,7 @@ class WanPipeline:
     return cls(transformer_config=transformer_config, transformer_params=transformer_params,
                text_config=text_config, text_params=text_params, tokenizer=tokenizer,
                vae_config=vae_config, vae_params=vae_params, scheduler_config=scheduler_config,
-               name=folder.name)
+               name=folder.name, mesh=mesh)
 
   # ------------------------------------------------------------------ memory
 
@@ -235,17 +243,19 @@ class WanPipeline:
     return text_lib.encode_prompts(self.text_config, self.text_params, self.tokenizer,
                                    list(prompts), max_length=MAX_SEQUENCE_LENGTH)
 
-  def _compiled_sampler(self, settings, callbacks, args):
-    """(compiled sampler, seconds spent compiling: 0 when cached). One compile per
-    settings, callbacks and batch size, for the life of the pipeline."""
-    key = (settings, tuple(callbacks), args[1].shape, len(args))
+  def _compiled_sampler(self, settings, callbacks, args, mesh=None):
+    """(compiled sampler taking placed arguments, its Sampler, seconds spent compiling:
+    0 when cached). One compile per settings, callbacks, mesh and batch size, for the
+    life of the pipeline."""
+    par = sharding_lib.resolve(mesh)
+    key = (settings, tuple(callbacks), args[1].shape, len(args), par)
     if key in self._samplers:
-      return self._samplers[key], 0.0
+      return self._samplers[key] + (0.0,)
     t0 = time.perf_counter()
-    sampler = sampler_lib.Sampler(self.family, settings, callbacks=callbacks)
+    sampler = sampler_lib.Sampler(self.family, settings, callbacks=callbacks, mesh=par)
     compiled = sampler.lower(*args).compile()
-    self._samplers[key] = compiled
-    return compiled, time.perf_counter() - t0
+    self._samplers[key] = (compiled, sampler)
+    return compiled, sampler, time.perf_counter() - t0
 
   def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt=None, *,
                height: int = 480, width: int = 832, num_frames: int = 81,
@@ -253,8 +263,8 @@ class WanPipeline:
                attention: cfg_lib.AttentionConfig = cfg_lib.DenseConfig(), seed: int = 0,
                flow_shift: Optional[float] = None, latents=None,
                callbacks: Sequence[Callable[[int, int], None]] = (),
-               log: Optional[Callable[[str], None]] = None, check_memory: bool = True
-               ) -> WanOutput:
+               log: Optional[Callable[[str], None]] = None, check_memory: bool = True,
+               mesh=None) -> WanOutput:
     """Sample videos for the prompts. Sizes in pixels and frames, as diffusers.
 
     attention: any modjax attention config (DenseConfig, MODConfig, baselines).
@@ -263,8 +273,15 @@ class WanPipeline:
     latents: optional initial noise float32 [B, 16, T, H/8, W/8] (else from seed).
     callbacks: host fn(step, num_steps) after each denoising step (progress bars).
     log: called with one line per stage (its time included), e.g. print.
-    check_memory: refuse before compiling when the estimate exceeds the device's memory.
+    check_memory: refuse before compiling when the estimate exceeds the device's memory
+      (the one-device estimate; skipped on a mesh of more than one device).
+    mesh: run the denoising loop over a mesh (`modjax.sharding.make_mesh`, or a
+      `modjax.sharding.Parallel` for head balancing / FSDP options); None: the
+      pipeline's mesh (from_pretrained), else one device. A mesh other than the
+      pipeline's copies the params onto it at each call. Text encoding and VAE
+      decoding stay on the default device.
     """
+    mesh = self.mesh if mesh is None else mesh
     say = log or (lambda _line: None)
     prompts, negatives = _validate_call(prompt, negative_prompt, height, width, num_frames,
                                         num_inference_steps, guidance_scale, seed,
@@ -285,7 +302,7 @@ class WanPipeline:
         frames=latent[0], height=latent[1], width=latent[2],
         num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
         attention=attention, scheduler=scheduler)
-    if check_memory:
+    if check_memory and sharding_lib.resolve(mesh).size == 1:
       memory.check_fits(self.memory_estimate(height=height, width=width, num_frames=num_frames,
                                              batch=batch, guidance=guidance, attention=attention),
                         f"{num_frames}x{height}x{width} ({batch} video(s))")
@@ -304,10 +321,12 @@ class WanPipeline:
     key = jax.random.key(seed)
     noise = None if latents is None else jnp.asarray(latents, jnp.float32)
     args = (self.transformer_params, context, neg, key) + (() if noise is None else (noise,))
-    compiled, timings["compile"] = self._compiled_sampler(settings, callbacks, args)
+    compiled, sampler, timings["compile"] = self._compiled_sampler(settings, callbacks, args,
+                                                                   mesh)
     say(f"compiled the {num_inference_steps}-step sampler in {timings['compile']:.1f} s "
         f"({settings.frames}x{settings.height}x{settings.width} latents, "
         f"{self.family.config.tokens(*latent)} tokens, flow_shift {flow_shift})")
+    args = sampler.place(*args)
     t0 = time.perf_counter()
     out = compiled(*args)
     z = jax.block_until_ready(out.latents)
