@@ -1,0 +1,269 @@
+"""modjax/sampler.py as of commit 1836cbf, before the mesh (issue #15): the one-device baseline
+that benchmarks/scaling.py --baseline times side by side with the mesh of size 1. A verbatim
+copy apart from this header; delete it once the overhead is measured."""
+
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from modjax import config as cfg_lib
+from modjax import policies, schedulers
+from modjax.schedule import StepKind
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """Static sampling settings (sizes in latent units, as the family's model takes them).
+
+  scheduler: a `modjax.schedulers` stepper (e.g. `FlowUniPC`, diffusers' Wan
+    default) for num_inference_steps steps; None means `FlowEuler` with `shift`.
+  """
+  frames: int
+  height: int
+  width: int
+  num_inference_steps: int = 50
+  guidance_scale: float = 5.0
+  shift: float = 5.0
+  attention: cfg_lib.AttentionConfig = cfg_lib.DenseConfig()
+  scheduler: Optional[Any] = None
+  record_recall: bool = False      # mask recall per step and layer (costs a dense pass)
+
+  def __post_init__(self):
+    for name in ("frames", "height", "width", "num_inference_steps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not self.guidance_scale >= 1.0:
+      raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}")
+    if not self.shift > 0:
+      raise ValueError(f"shift must be > 0, got {self.shift!r}")
+    if self.scheduler is not None and self.scheduler.num_inference_steps != self.num_inference_steps:
+      raise ValueError(
+          f"scheduler is built for {self.scheduler.num_inference_steps} steps but "
+          f"num_inference_steps={self.num_inference_steps}")
+
+  def make_scheduler(self):
+    if self.scheduler is not None:
+      return self.scheduler
+    return schedulers.FlowEuler(self.num_inference_steps, self.shift)
+
+  @property
+  def uses_guidance(self) -> bool:
+    return self.guidance_scale != 1.0
+
+
+@struct.dataclass
+class SampleOutput:
+  latents: jax.Array      # float32 [B, C, F, H, W]
+  density: jax.Array      # float32 [steps, L]: fraction of blocks computed, per step and layer
+  step_kinds: jax.Array   # int32 [steps]: StepKind of each step
+  state: Any = None       # final attention-policy state (MODState for MOD-DiT)
+  # float32 [steps, L] with record_recall: share of the dense attention mass of
+  # that step inside the mask used (1 on dense steps); else None.
+  mask_recall: Optional[jax.Array] = None
+
+
+def geometry(family, settings: SamplerSettings, rows: int) -> policies.Geometry:
+  """The attention problem of this family at these sizes, for the policy."""
+  layout = family.attention_layout(settings.frames, settings.height, settings.width)
+  block = getattr(settings.attention, "block_size", 128)
+  return policies.Geometry.from_layout(layout, batch=rows, block_size=block)
+
+
+def _step_inputs(settings: SamplerSettings, policy, scheduler):
+  steps = settings.num_inference_steps
+  kinds = policy.step_kinds(steps)
+  used = sorted(set(int(k) for k in kinds))
+  branch = np.searchsorted(np.asarray(used), kinds).astype(np.int32)
+  xs = dict(sched=scheduler.step_inputs(), branch=branch, step=np.arange(steps, dtype=np.int32))
+  return xs, [StepKind(k) for k in used], kinds
+
+
+def _host_callbacks(callbacks: Sequence[Callable[[int, int], None]]):
+  def call(step, num_steps, _done):
+    for fn in callbacks:
+      fn(int(step), int(num_steps))
+  return call
+
+
+def make_step(family, settings: SamplerSettings, policy, scheduler, used_kinds, params, context,
+              callbacks: Sequence[Callable] = ()):
+  """The body shared by the scan and the Python-loop modes:
+  (carry, xs) -> (carry, (density [L], mask recall [L])); carry = (latents, policy
+  state, scheduler state)."""
+  guidance = settings.uses_guidance
+  steps = settings.num_inference_steps
+  num_layers = policy.geom.num_layers
+  notify = _host_callbacks(tuple(callbacks)) if callbacks else None
+
+  def branch_fn(kind: StepKind):
+    def run(operand):
+      x_in, t, state = operand
+      control = policy.control(state, kind)
+      if settings.record_recall:
+        control = control.replace(record_recall=True)
+      velocity, stats = family.apply(params, x_in, t, context, control)
+      density = policy.density(state, kind)
+      recall = (jnp.mean(stats["mask_recall"], axis=(1, 2)) if "mask_recall" in stats
+                else jnp.ones((num_layers,), jnp.float32))
+      return velocity.astype(jnp.float32), policy.update(state, stats, kind), (density, recall)
+    return run
+
+  branches = [branch_fn(k) for k in used_kinds]
+
+  def step(carry, xs):
+    latents, state, sched_state = carry
+    x_in = jnp.concatenate([latents, latents], axis=0) if guidance else latents
+    t = jnp.full((x_in.shape[0],), xs["sched"]["timestep"], jnp.float32)
+    operand = (x_in.astype(family.dtype), t, state)
+    if len(branches) == 1:
+      velocity, state, per_step = branches[0](operand)
+    else:
+      velocity, state, per_step = jax.lax.switch(xs["branch"], branches, operand)
+    if guidance:
+      v_cond, v_uncond = jnp.split(velocity, 2, axis=0)
+      velocity = v_uncond + settings.guidance_scale * (v_cond - v_uncond)
+    latents, sched_state = scheduler.step(sched_state, latents, velocity, xs["sched"])
+    if notify is not None:
+      # depends on the new latents, so it fires when this step's work is done
+      jax.debug.callback(notify, xs["step"], steps, latents.ravel()[0], ordered=True)
+    return (latents, state, sched_state), per_step
+
+  return step
+
+
+def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
+              callbacks: Sequence[Callable[[int, int], None]] = ()) -> Callable:
+  """A pure function (params, context, neg_context, key, noise=None) -> SampleOutput.
+
+  family: a `models.family.Family` (e.g. `models.wan.WanFamily(config)`).
+  context, neg_context: [B, L, text_dim] (neg_context is ignored without
+  guidance). noise: optional initial latents float32 [B, C, F, H, W] (else a
+  unit Gaussian drawn from key). callbacks: host functions fn(step, num_steps) called after each
+  step (progress bars, step timers). Not jitted: `Sampler` jits it; tests wrap
+  it to count traces. loop="python" runs the same step body in a Python loop,
+  for debugging.
+  """
+  if loop not in ("scan", "python"):
+    raise ValueError(f"loop must be 'scan' or 'python', got {loop!r}")
+  family.check_latent_size(settings.frames, settings.height, settings.width)
+  check_schedule(family, settings)
+
+  scheduler = settings.make_scheduler()
+
+  def run(params, context, neg_context, key, noise=None):
+    batch = context.shape[0]
+    rows = 2 * batch if settings.uses_guidance else batch
+    policy = policies.make_policy(settings.attention, geometry(family, settings, rows))
+    ctx = jnp.concatenate([context, neg_context], axis=0) if settings.uses_guidance else context
+    shape = (batch, family.latent_channels, settings.frames, settings.height, settings.width)
+    if noise is None:
+      latents = jax.random.normal(key, shape, jnp.float32)
+    elif tuple(noise.shape) != shape:
+      raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    else:
+      latents = noise.astype(jnp.float32)
+    xs, used, kinds = _step_inputs(settings, policy, scheduler)
+    step = make_step(family, settings, policy, scheduler, used, params, ctx, callbacks)
+    carry = (latents, policy.init(), scheduler.init(latents))
+    if loop == "scan":
+      carry, (density, recall) = jax.lax.scan(step, carry, jax.tree.map(jnp.asarray, xs))
+    else:
+      jstep = jax.jit(step)
+      per_step = []
+      for i in range(settings.num_inference_steps):
+        carry, d = jstep(carry, jax.tree.map(lambda a: jnp.asarray(a[i]), xs))
+        per_step.append(d)
+      density, recall = (jnp.stack(x) for x in zip(*per_step))
+    latents, state, _ = carry
+    return SampleOutput(latents=latents, density=density, step_kinds=jnp.asarray(kinds),
+                        state=state, mask_recall=recall if settings.record_recall else None)
+
+  return run
+
+
+class Sampler:
+  """A jit-compiled sampler for one family and static settings; it compiles at
+  the first call (or at `lower(...).compile()`).
+
+  >>> sampler = Sampler(WanFamily(config), SamplerSettings(frames=16, height=32, width=32))
+  >>> out = sampler(params, context, neg_context, jax.random.key(0))
+  """
+
+  def __init__(self, family, settings: SamplerSettings, *,
+               callbacks: Sequence[Callable[[int, int], None]] = ()):
+    self.family, self.settings = family, settings
+    self._fn = jax.jit(sample_fn(family, settings, callbacks=callbacks))
+
+  def __call__(self, params, context, neg_context, key, noise=None) -> SampleOutput:
+    args = (params, context, neg_context, key) + (() if noise is None else (noise,))
+    return self._fn(*args)
+
+  def lower(self, params, context, neg_context, key, noise=None):
+    """Lowered for these arguments; `.compile()` gives a function of the same arguments
+    (noise included only when given here)."""
+    args = (params, context, neg_context, key) + (() if noise is None else (noise,))
+    return self._fn.lower(*args)
+
+
+def _runs_sparse(kinds, attention) -> bool:
+  if isinstance(attention, cfg_lib.DenseConfig):
+    return True
+  sparse = kinds == StepKind.SPARSE
+  if getattr(attention, "refresh", "dense") == "sparse":
+    sparse |= kinds == StepKind.REFRESH
+  return bool(sparse.any())
+
+
+def check_schedule(family, settings: SamplerSettings) -> None:
+  """A sparse attention config must compute something sparsely: ValueError when its
+  schedule never reaches a sparse step; a warning when its mask keeps every block."""
+  attention = settings.attention
+  if isinstance(attention, cfg_lib.DenseConfig):
+    return
+  policy = policies.make_policy(attention, geometry(family, settings, 1))
+  steps = settings.num_inference_steps
+  kinds = policy.step_kinds(steps)
+  if not _runs_sparse(kinds, attention):
+    what = type(attention).__name__
+    extra = (f", interval={attention.interval}, refresh={attention.refresh!r}"
+             if isinstance(attention, cfg_lib.MODConfig) else "")
+    raise ValueError(
+        f"{what}(warmup_steps={attention.warmup_steps}{extra}) with num_inference_steps="
+        f"{steps} never runs a sparse step (every step is dense, a map step or a dense "
+        f"refresh); use more steps, a shorter warm-up, a longer interval or refresh='sparse'")
+  if isinstance(policy, policies.MODPolicy):
+    from modjax import predict
+    n = policy.geom.num_blocks
+    if policy.top_k >= predict.num_candidate_lines(n):
+      warnings.warn(
+          f"MODConfig(top_k={attention.top_k!r}) keeps all {predict.num_candidate_lines(n)} "
+          f"candidate lines of an n={n} block map: every block is computed (sparsity 0%)",
+          stacklevel=3)
+
+
+def sparsity(out: SampleOutput) -> float:
+  """docs/algorithm.md: 1 - mean mask density over the sparse steps (0 if none)."""
+  kinds = np.asarray(out.step_kinds)
+  sparse = kinds == StepKind.SPARSE
+  if not sparse.any():
+    return 0.0
+  return float(1.0 - np.asarray(out.density)[sparse].mean())
+
+
+def post_warmup_sparsity(out: SampleOutput) -> float:
+  """1 - mean density over every step after the warm-up (dense refreshes count as
+  dense): the share of attention work saved after the warm-up (0 if none)."""
+  kinds = np.asarray(out.step_kinds)
+  after = (kinds == StepKind.SPARSE) | (kinds == StepKind.REFRESH)
+  if not after.any():
+    return 0.0
+  return float(1.0 - np.asarray(out.density)[after].mean())
