@@ -54,19 +54,23 @@ def diffusers_pipeline(seed: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def _built(root: str, seed: int) -> Path:
+def _built(root: str, seed: int):
   folder = Path(root) / f"tiny-wan-{seed}"
-  if (folder / "model_index.json").exists():
-    return folder
   transformer, vae, text_encoder, scheduler, transformers, WanPipeline = diffusers_pipeline(seed)
   tokenizer_dir = oracles.t5_tokenizer_folder(Path(root) / f"tokenizer-{seed}")
   tokenizer = transformers.T5TokenizerFast.from_pretrained(str(tokenizer_dir))
   pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                      vae=vae, scheduler=scheduler)
   pipe.save_pretrained(str(folder))
-  return folder
+  return folder, pipe
 
 
 def tiny_wan_folder(root, seed: int = 0) -> Path:
   """Writes (once per root and seed) and returns the folder."""
-  return _built(str(root), seed)
+  return _built(str(root), seed)[0]
+
+
+def tiny_wan_diffusers(root, seed: int = 0):
+  """The diffusers WanPipeline object that wrote `tiny_wan_folder(root, seed)` (its
+  from_pretrained would need accelerate for the transformer's float32 modules)."""
+  return _built(str(root), seed)[1]
