@@ -139,6 +139,8 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--shapes", default="480p,720p")
   ap.add_argument("--modes", default="dense,mod")
+  ap.add_argument("--vae-shapes", default="",
+                  help="shapes whose VAE decode alone is timed (ours and diffusers') on random latents")
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke)")
   ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers' torch VAE")
@@ -213,6 +215,34 @@ def main():
                     max_abs_diff_vs_modjax=err, **base))
         except Exception as e:
           save(dict(stage="vae_decode_warm", impl="diffusers", error=repr(e)[:400], **base))
+  for shape in filter(None, args.vae_shapes.split(",")):
+    if (time.perf_counter() - start) / 60 > args.max_minutes:
+      print(f"time budget reached: skipping the VAE decode at {shape}")
+      continue
+    frames, height, width = SHAPES["tiny" if args.tiny else shape]
+    base = dict(frames=frames, height=height, width=width, shape=shape)
+    latent = pipe.latent_size(height, width, frames)
+    z = jax.random.normal(jax.random.key(5), (1, pipe.vae_config.z_dim, *latent), jnp.float32)
+    estimate = vae_lib.decode_memory_bytes(pipe.vae_config, z.shape, pipe.vae_config.dtype)
+    try:
+      t0 = time.perf_counter()
+      jax.block_until_ready(pipe._decode(pipe.vae_params, z))
+      first = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      ours = np.asarray(jax.block_until_ready(pipe._decode(pipe.vae_params, z)))
+      save(dict(stage="vae_decode_warm", impl="modjax", time_s=time.perf_counter() - t0,
+                first_call_s=first, peak_mem_gb=_peak_gb()[0], estimate_gb=estimate / 2**30,
+                finite=bool(np.isfinite(ours).all()), **base))
+    except Exception as e:
+      save(dict(stage="vae_decode_warm", impl="modjax", error=repr(e)[:400], **base))
+      continue
+    if torch_vae is not None:
+      try:
+        theirs, seconds, tpeak = time_torch_decode(torch_vae, np.asarray(z))
+        save(dict(stage="vae_decode_warm", impl="diffusers", time_s=seconds, peak_mem_gb=tpeak,
+                  max_abs_diff_vs_modjax=float(np.abs(theirs - ours).max()), **base))
+      except Exception as e:
+        save(dict(stage="vae_decode_warm", impl="diffusers", error=repr(e)[:400], **base))
   print(f"{'stage':18s} {'impl':9s} {'mode':6s} {'shape':6s} {'time s':>8s} {'peak GB':>8s}")
   for r in rows:
     if "time_s" in r:
