@@ -61,6 +61,20 @@ def _tokenizer(folder: Path, vocab_size: int):
   return text_lib.Tokenizer.from_folder(folder)
 
 
+def _analysis_gb(compiled) -> dict:
+  """XLA's own memory analysis of a compiled stage (GiB): what that stage needs alone."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return {}
+  if m is None:
+    return {}
+  parts = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+               temp=m.temp_size_in_bytes, alias=getattr(m, "alias_size_in_bytes", 0))
+  total = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+  return {"xla_total_gb": total / 2**30, **{f"xla_{k}_gb": v / 2**30 for k, v in parts.items()}}
+
+
 def _peak_gb():
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use", 0) / 2**30, stats.get("bytes_in_use", 0) / 2**30
@@ -197,12 +211,22 @@ def main():
                   estimate_gb=estimate.total / 2**30, estimate=estimate.describe(),
                   first_call=first, **base))
       finite = bool(np.isfinite(out.latents).all())
+      # What each compiled stage needs by itself (the process-wide peak above also holds
+      # the random-weight generation and the other stages' buffers).
+      sampler_compiled = list(pipe._samplers.values())[-1]
+      save(dict(stage="denoise_memory", impl="modjax", mode=mode,
+                estimate_gb=estimate.stages["denoise"] / 2**30,
+                **_analysis_gb(sampler_compiled), **base))
       # Stages again on their own, compiled: text encoding and VAE decode.
       t0 = time.perf_counter()
       jax.block_until_ready((pipe.encode_prompt([PROMPT]), pipe.encode_prompt(["blurry"])))
       save(dict(stage="text_encode_warm", impl="modjax", mode=mode,
                 time_s=time.perf_counter() - t0, **base))
       z = vae_lib.denormalize_latents(pipe.vae_config, jnp.asarray(out.latents))
+      if mode == args.modes.split(",")[0]:
+        save(dict(stage="vae_decode_memory", impl="modjax", estimate_gb=estimate.stages[
+            "vae_decode"] / 2**30, **_analysis_gb(pipe._decode.lower(pipe.vae_params, z).compile()),
+            **base))
       t0 = time.perf_counter()
       ours = np.asarray(jax.block_until_ready(pipe._decode(pipe.vae_params, z)))
       save(dict(stage="vae_decode_warm", impl="modjax", mode=mode, finite=finite,

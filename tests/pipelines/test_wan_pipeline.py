@@ -18,7 +18,8 @@ import modjax  # noqa: E402
 from modjax import memory  # noqa: E402
 from modjax.cli import main  # noqa: E402
 from modjax.pipelines import wan as wan_pipeline  # noqa: E402
-from tests.pipelines.tiny_wan import Z_DIM, tiny_wan_diffusers, tiny_wan_folder  # noqa: E402
+from tests.pipelines.tiny_wan import (Z_DIM, tiny_wan_diffusers, tiny_wan_folder,
+                                      tiny_wan_sharded_folder)  # noqa: E402
 
 PROMPT = "a red cat on the mat, slow motion"
 SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=4, guidance_scale=3.0)
@@ -68,6 +69,18 @@ def test_seeded_call_is_deterministic_and_compiles_once(pipe):
   assert not np.array_equal(a.frames, c.frames)
   assert b.timings["compile"] == 0.0 and set(a.timings) == {
       "text_encode", "compile", "denoise", "vae_decode"}
+
+
+def test_sharded_folder_loads_to_the_same_pipeline(root, folder, pipe):
+  """Wan2.1-14B's layout: transformer, text encoder (and here the VAE) in index-listed
+  shards. Same weights, same frames."""
+  sharded = tiny_wan_sharded_folder(root)
+  indexes = sorted(p.parent.name for p in sharded.glob("*/*.safetensors.index.json"))
+  assert indexes == ["text_encoder", "transformer", "vae"], indexes
+  other = modjax.WanPipeline.from_pretrained(sharded)
+  a = pipe(PROMPT, **SMALL, seed=5)
+  b = other(PROMPT, **SMALL, seed=5)
+  np.testing.assert_array_equal(a.frames, b.frames)
 
 
 def test_mod_attention_runs_sparse_through_the_pipeline(pipe):

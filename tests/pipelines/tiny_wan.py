@@ -62,7 +62,16 @@ def _built(root: str, seed: int):
   pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                      vae=vae, scheduler=scheduler)
   pipe.save_pretrained(str(folder))
+  # The layout of the big checkpoints (Wan2.1-14B, UMT5-XXL): every component in shards
+  # listed by an index json.
+  pipe.save_pretrained(str(Path(root) / f"tiny-wan-{seed}-sharded"), max_shard_size="40KB")
   return folder, pipe
+
+
+def tiny_wan_sharded_folder(root, seed: int = 0) -> Path:
+  """The same weights as `tiny_wan_folder`, every component saved in shards."""
+  _built(str(root), seed)
+  return Path(root) / f"tiny-wan-{seed}-sharded"
 
 
 def tiny_wan_folder(root, seed: int = 0) -> Path:
