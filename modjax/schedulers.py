@@ -562,3 +562,64 @@ def scan_schedule(scheduler, model_fn, latents: jax.Array, *, xs: Optional[Mappi
   latents = jnp.asarray(latents, jnp.float32)
   (x, _), path = jax.lax.scan(body, (latents, scheduler.init(latents)), xs, unroll=unroll)
   return x, path
+
+
+# ---------------------------------------------------------------------------
+# Pipelines that hand FlowMatchEulerDiscreteScheduler their own sigmas
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FlowEulerLinspace:
+  """diffusers' `FlowMatchEulerDiscreteScheduler` after
+  `set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])`: what
+  `HunyuanVideoPipeline` (diffusers 0.42.1) does; `from_diffusers_config` gives
+  `set_timesteps(steps)` instead, a different schedule.
+
+  In float32, as diffusers: s = float32(linspace(1, 0, steps + 1)[:-1]), sigma =
+  shift s / (1 + (shift - 1) s), then a final 0; timestep N sigma. This is
+  FlowEuler's "modjax" schedule computed in float32 rather than float64 (they differ
+  by at most 2 ulp). The step is FlowEuler's.
+  """
+  num_inference_steps: int
+  shift: float
+  num_train_timesteps: int = 1000
+
+  def __post_init__(self):
+    object.__setattr__(self, "num_inference_steps", _check_steps(self.num_inference_steps))
+    object.__setattr__(self, "shift", _check_positive("shift", self.shift))
+    object.__setattr__(self, "num_train_timesteps",
+                       _check_train_timesteps(self.num_train_timesteps, 1))
+
+  def sigmas(self) -> np.ndarray:
+    """float32 [steps + 1]: sigma_0 = 1 > ... > sigma_steps = 0."""
+    s = np.linspace(1.0, 0.0, self.num_inference_steps + 1)[:-1].astype(np.float32)
+    s = self.shift * s / (1 + (self.shift - 1) * s)  # float32 arithmetic, as diffusers
+    return np.concatenate([s.astype(np.float32), np.zeros((1,), np.float32)])
+
+  def timesteps(self) -> np.ndarray:
+    return self.sigmas()[:-1] * np.float32(self.num_train_timesteps)
+
+  def step_inputs(self) -> dict[str, np.ndarray]:
+    s = self.sigmas()
+    return dict(timestep=self.timesteps(), sigma=s[:-1], sigma_next=s[1:])
+
+  def init(self, latents: jax.Array) -> tuple:
+    del latents
+    return ()
+
+  def step(self, carry, latents, model_output, xs):
+    return FlowEuler.step(self, carry, latents, model_output, xs)
+
+
+def hunyuan_video_scheduler(config: Mapping[str, Any], num_inference_steps: int,
+                            **overrides) -> FlowEulerLinspace:
+  """HunyuanVideoPipeline's stepper from its scheduler_config.json dict: the config is
+  checked as `from_diffusers_config` checks it (FlowMatchEulerDiscreteScheduler only;
+  overrides are config keys, `flow_shift` sets `shift`), and its shift and
+  num_train_timesteps drive the pipeline's linspace sigmas (`FlowEulerLinspace`)."""
+  if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+    raise ValueError(f"HunyuanVideo scheduler config: _class_name must be "
+                     f"'FlowMatchEulerDiscreteScheduler', got {config.get('_class_name')!r}")
+  euler = from_diffusers_config(config, num_inference_steps, **overrides)
+  return FlowEulerLinspace(euler.num_inference_steps, shift=euler.shift,
+                           num_train_timesteps=euler.num_train_timesteps)
