@@ -412,3 +412,58 @@ def test_quantized_kernel_deterministic():
                                 implementation="mosaic_gpu", precision="int8_fp8"))
   np.testing.assert_array_equal(np.asarray(f(q, k, v), np.float32),
                                 np.asarray(f(q, k, v), np.float32))
+
+
+# ----------------------------------------------------------------------------
+# The polynomial exp2 (MosaicConfig.exp2_poly_groups).
+
+def _f32(hexstr):
+  return np.array([int(hexstr[2:], 16)], np.uint32).view(np.float32)[0]
+
+
+def test_exp2_polynomial_constants_and_range():
+  """Emulates the PTX sequence in float32: rel err < 2e-4 on [-126, 9], -inf -> 0."""
+  c1, c2, c3 = (_f32(c) for c in (mg._EXP2_C1, mg._EXP2_C2, mg._EXP2_C3))
+  assert "0fC2FE0000" in mg._EXP2_POLY and _f32("0fC2FE0000") == -127.0
+  big = np.float32(12582912.0)                 # 1.5 * 2^23: rounds to an integer
+  x = np.concatenate([np.linspace(-126.0, 9.0, 200001, dtype=np.float32),
+                      np.float32([-np.inf, -1e30, -127.0, 0.0])])
+  with np.errstate(over="ignore", invalid="ignore"):
+    xc = np.maximum(x, np.float32(-127.0))
+    t = (xc + big).astype(np.float32)
+    f = (xc - (t - big).astype(np.float32)).astype(np.float32)
+    p = (f * c3 + c2).astype(np.float32)
+    p = (p * f + c1).astype(np.float32)
+    p = (p * f + np.float32(1.0)).astype(np.float32)
+    bits = p.view(np.int32) + ((t.view(np.int32) - big.view(np.int32)) << 23)
+    y = bits.view(np.float32)
+  ref = np.exp2(x.astype(np.float64))
+  ok = ref > 1e-37
+  assert np.abs(y[ok] / ref[ok] - 1).max() < 2e-4
+  assert (y[~ok] >= 0).all() and (y[~ok] < 1e-37).all()
+
+
+def test_exp2_poly_lowers_and_is_validated():
+  q = jax.ShapeDtypeStruct((1, 1000, 2, 64), jnp.bfloat16)
+  table = compact_block_mask(_mask(3, 1, 1, 8, 0.5))
+  for precision in ("bf16", "int8_fp8"):
+    cfg = mg.MosaicConfig(exp2_poly_groups=4, stages=3)
+    fwd = lambda q, k, v, t: mg.block_sparse_attention_fwd(
+        q, k, v, t, block_size=128, precision=precision, config=cfg)
+    assert "mosaic_gpu" in lower(fwd, "cuda", q, q, q, table)
+  with pytest.raises(ValueError, match="exp2_poly_groups"):
+    mg.MosaicConfig(exp2_poly_groups=17).validate(64)
+  with pytest.raises(ValueError, match="Lane"):
+    mg.MosaicConfig(exp2_poly_groups=4, lowering="warpgroup").validate(64)
+
+
+@hopper
+@pytest.mark.parametrize("groups", [4, 16])
+def test_exp2_poly_kernel_matches_reference(groups):
+  q, k, v = _qkv(11, 1, 1500, 2, 64)
+  mask = _mask(11, 1, 2, 12, 0.5, (3,))
+  cfg = mg.MosaicConfig(exp2_poly_groups=groups)
+  out, _ = mg.block_sparse_attention_fwd(q, k, v, compact_block_mask(mask), block_size=128,
+                                         config=cfg)
+  ref = pk.block_sparse_attention_reference(q, k, v, mask)
+  assert _rel_err(out, ref) < 1.5e-2
