@@ -466,7 +466,8 @@ def stage_time128(out: Out, args):
 
 def stage_time64(out: Out, args):
   flex = _flex(args)
-  sweep = [("default", mg.MosaicConfig()), ("stages3", mg.MosaicConfig(stages=3)),
+  sweep = [("default", mg.MosaicConfig()), ("lane", mg.MosaicConfig(lowering="lane")),
+           ("stages3", mg.MosaicConfig(stages=3)),
            ("stages4", mg.MosaicConfig(stages=4)), ("k2", mg.MosaicConfig(tiles_per_cta=2)),
            ("poly4", mg.MosaicConfig(exp2_poly_groups=4)),
            ("poly4_stages3", mg.MosaicConfig(stages=3, exp2_poly_groups=4)),
