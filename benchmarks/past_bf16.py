@@ -47,6 +47,7 @@ from pallas_kernels import map_mosaic_gpu as mm  # noqa: E402
 from pallas_kernels import quantize as qz  # noqa: E402
 from benchmarks.kernels import random_block_mask, rel_err, time_jax, time_torch  # noqa: E402
 
+START = time.perf_counter()
 QUANT = ("int8_fp8", "fp8", "int8_bf16")
 REF_ROWS = 256
 REF_HEADS = 2
@@ -132,7 +133,13 @@ class Out:
     print(f"[{time.perf_counter() - self.t0:6.1f}s] {head} {rest}"
           + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
 
+  def over(self) -> bool:
+    return self.args.deadline_s and time.perf_counter() - START > self.args.deadline_s
+
   def guarded(self, fn, **base):
+    if self.over():
+      print(f"[deadline] skipped {base}", flush=True)
+      return None
     try:
       more = fn()
       if more is not None:
@@ -293,7 +300,8 @@ def _cudnn_fp8(q, k, v):
 
 
 def time_shape(out: Out, args, s, h, d, densities, precisions, configs=None, kernel_only=(),
-               map_densities=(), do_fp8_cudnn=False, flex=None, triton_lse=False):
+               map_densities=(), do_fp8_cudnn=False, flex=None, triton_lse=False,
+               kernel_configs=(("default", None),), quant_cost=True):
   b = 1
   n = -(-s // 128)
   q, k, v = make_qkv(s + h + d, b, s, h, d)
@@ -353,14 +361,26 @@ def time_shape(out: Out, args, s, h, d, densities, precisions, configs=None, ker
         out.guarded(ours, impl="ours_mosaic_gpu", precision=precision, config=label,
                     variant="public_call" if cfg is None else "fwd", **row)
     for precision in kernel_only:
-      def kern(precision=precision):
-        qq = qz.quantize_qkv(q, k, v, precision=precision)
-        t = None if dense else table
-        fn = jax.jit(lambda qq: mg.quantized_attention_fwd(qq, t, block_size=128,
-                                                           sm_scale=d ** -0.5)[0])
-        ms, comp, o = time_jax(fn, [(qq,)], args.runs)
-        return record(ms, comp, o)
-      out.guarded(kern, impl="ours_mosaic_gpu", precision=precision, variant="kernel_only", **row)
+      for label, kcfg in kernel_configs:
+        def kern(precision=precision, kcfg=kcfg):
+          qq = qz.quantize_qkv(q, k, v, precision=precision)
+          t = None if dense else table
+          fn = jax.jit(lambda qq: mg.quantized_attention_fwd(qq, t, block_size=128,
+                                                             sm_scale=d ** -0.5, config=kcfg)[0])
+          ms, comp, o = time_jax(fn, [(qq,)], args.runs)
+          return record(ms, comp, o)
+        out.guarded(kern, impl="ours_mosaic_gpu", precision=precision, variant="kernel_only",
+                    config=label, **row)
+        if kcfg is not None:
+          def public(precision=precision, kcfg=kcfg):
+            t = None if dense else table
+            fn = jax.jit(lambda q, k, v: mg.quantized_attention_fwd(
+                qz.quantize_qkv(q, k, v, precision=precision), t, block_size=128,
+                sm_scale=d ** -0.5, config=kcfg)[0])
+            ms, comp, o = time_jax(fn, sets, args.runs)
+            return record(ms, comp, o)
+          out.guarded(public, impl="ours_mosaic_gpu", precision=precision,
+                      variant="public_call", config=label, **row)
     if flex is not None:
       def run_flex():
         ms, comp, o = flex.time(q, k, v, table, mask_np, args.runs)
@@ -368,7 +388,7 @@ def time_shape(out: Out, args, s, h, d, densities, precisions, configs=None, ker
       out.guarded(run_flex, impl="flex", precision="bf16", **row)
     if target in map_densities:
       time_map(out, args, q, k, v, None if dense else table, row, c, triton_lse=triton_lse)
-  if kernel_only:
+  if kernel_only and quant_cost:
     def quant_cost():
       fn = jax.jit(functools.partial(qz.quantize_qkv, precision=kernel_only[0]))
       ms, comp, _ = time_jax(fn, sets, args.runs)
@@ -383,7 +403,13 @@ def time_map(out: Out, args, q, k, v, table, row, cudnn_ms, triton_lse=False):
   thr = 1e-4
   b, _, h, _ = q.shape
   mtable = None if table is None else table.broadcast_to((b, h))
-  lse = mg.block_sparse_lse(q, k, table, block_size=128)
+  if out.over():
+    return
+  try:
+    lse = mg.block_sparse_lse(q, k, table, block_size=128)
+  except Exception as e:  # pylint: disable=broad-except
+    out.add(impl="lse_pass", precision="bf16", error=f"{type(e).__name__}: {str(e)[:300]}", **row)
+    return
   counts = {}
 
   def ratio(ms):
@@ -484,9 +510,86 @@ def stage_time64(out: Out, args):
     time_shape(out, args, s, 30, 64, (0.25, 0.1), ("bf16",), configs=best, flex=flex)
 
 
+VARIANTS = [
+    ("int8_fp8", "base", mg.MosaicConfig()),
+    ("int8_fp8", "magic", mg.MosaicConfig(int8_magic=True)),
+    ("int8_fp8", "magic_1lvl", mg.MosaicConfig(int8_magic=True, pv_two_level=False)),
+    ("int8_fp8", "magic_poly4", mg.MosaicConfig(int8_magic=True, exp2_poly_groups=4)),
+    ("int8_fp8", "magic_1lvl_poly4", mg.MosaicConfig(int8_magic=True, pv_two_level=False,
+                                                      exp2_poly_groups=4)),
+    ("int8_fp8", "magic_1lvl_poly6_s3", mg.MosaicConfig(int8_magic=True, pv_two_level=False,
+                                                         exp2_poly_groups=6, stages=3)),
+    ("int8_fp8", "magic_1lvl_s4", mg.MosaicConfig(int8_magic=True, pv_two_level=False,
+                                                   stages=4)),
+    ("fp8", "1lvl_poly4", mg.MosaicConfig(pv_two_level=False, exp2_poly_groups=4)),
+    ("int8_bf16", "magic", mg.MosaicConfig(int8_magic=True)),
+]
+
+
+def sweep_variants(out: Out, args, s, h, d, densities):
+  """Kernel-only timing of the quantized variants; returns the best int8_fp8 one."""
+  b = 1
+  n = -(-s // 128)
+  q, k, v = make_qkv(s + h + d, b, s, h, d)
+  flops = 4.0 * b * h * s * s * d
+  base = dict(seq_len=s, heads=h, head_dim=d, batch=b, dtype="bfloat16", sweep=True)
+  def cudnn():
+    fn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"))
+    ms, comp, _ = time_jax(fn, [(q, k, v)], args.runs)
+    return dict(time_ms=ms, compile_s=round(comp, 2))
+  c = (out.guarded(cudnn, impl="cudnn_dense", precision="bf16", mask="dense", density=1.0,
+                   **base) or {}).get("time_ms")
+  best = {}
+  for target in densities:
+    rng = np.random.default_rng(s * 7 + h + int(target * 100))
+    mask_np = random_block_mask(rng, h, n, target)
+    density = float(mask_np.mean())
+    table = pk.compact_block_mask(jnp.asarray(mask_np))
+    ref = partial_reference(q, k, v, jnp.asarray(mask_np))
+    row = dict(base, mask="random", density=density, target_density=target)
+    quantized = {p: qz.quantize_qkv(q, k, v, precision=p) for p in QUANT}
+    for precision, label, cfg in VARIANTS:
+      def kern(precision=precision, cfg=cfg):
+        fn = jax.jit(lambda qq: mg.quantized_attention_fwd(qq, table, block_size=128,
+                                                           sm_scale=d ** -0.5, config=cfg)[0])
+        ms, comp, o = time_jax(fn, [(quantized[precision],)], args.runs)
+        acc = accuracy(np.asarray(o, np.float32)[:, :REF_ROWS, :REF_HEADS], ref)
+        return dict(time_ms=ms, compile_s=round(comp, 2),
+                    tflops_effective=flops * density / ms * 1e-9,
+                    effective_vs_cudnn=c * density / ms if c else None, **acc)
+      res = out.guarded(kern, impl="ours_mosaic_gpu", precision=precision,
+                        variant="kernel_only", config=label, **row)
+      if res and precision == "int8_fp8" and res["finite"] and res["rel_err"] < 0.05:
+        best.setdefault(label, 0.0)
+        best[label] += res["time_ms"]
+  if not best:
+    return "base", mg.MosaicConfig()
+  label = min(best, key=best.get)
+  return label, next(cfg for p, l, cfg in VARIANTS if l == label and p == "int8_fp8")
+
+
+def stage_run2(out: Out, args):
+  flex = _flex(args)
+  label, cfg = sweep_variants(out, args, 16384, 16, 128, (0.25, 0.1))
+  print(f"best int8_fp8 variant: {label} {cfg}", flush=True)
+  out.doc["best_int8_fp8_variant"] = label
+  kcfgs = (("default", None), (label, cfg)) if label != "base" else (("default", None),)
+  time_shape(out, args, 16384, 16, 128, (1.0,), (), kernel_only=("int8_fp8",),
+             kernel_configs=kcfgs[1:], quant_cost=False)
+  for s, h in ((32760, 16), (69120, 12)):
+    time_shape(out, args, s, h, 128, (1.0, 0.25, 0.1), ("int8_fp8", "bf16", "fp8"),
+               kernel_only=("int8_fp8",), kernel_configs=kcfgs, map_densities=(1.0,),
+               do_fp8_cudnn=True, flex=flex)
+  d64 = [("default", mg.MosaicConfig()), ("lane", mg.MosaicConfig(lowering="lane"))]
+  for s in (16384, 32760):
+    time_shape(out, args, s, 30, 64, (0.25, 0.1), ("bf16",), configs=d64, flex=flex)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--stage", choices=("check", "time128", "time64"), required=True)
+  p.add_argument("--stage", choices=("check", "time128", "time64", "run2"), required=True)
+  p.add_argument("--deadline-s", type=float, default=0.0,
+                 help="skip the remaining rows once this many seconds have passed")
   p.add_argument("--out", default="/tmp")
   p.add_argument("--runs", type=int, default=20)
   p.add_argument("--quick", action="store_true")
@@ -505,7 +608,8 @@ def main():
                                 f"past-bf16-{args.stage}.json")
   out = Out(path, args.stage, args)
   print(f"card={out.doc['card']} jax={jax.__version__} stage={args.stage} -> {path}", flush=True)
-  {"check": stage_check, "time128": stage_time128, "time64": stage_time64}[args.stage](out, args)
+  {"check": stage_check, "time128": stage_time128, "time64": stage_time64,
+   "run2": stage_run2}[args.stage](out, args)
   print(f"done in {time.perf_counter() - out.t0:.1f} s", flush=True)
 
 

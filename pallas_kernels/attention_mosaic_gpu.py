@@ -78,6 +78,8 @@ _LN2 = math.log(2.0)
 _LOG2_P_SCALE = math.log2(quantize.P_SCALE)
 _LN_P_SCALE = math.log(quantize.P_SCALE)
 _LOWERINGS = (None, "lane", "warpgroup")
+_MAGIC = 12582912.0          # 1.5 * 2^23: adding an int < 2^22 to its bits adds to its value
+_MAGIC_BITS = 0x4B400000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,14 @@ class MosaicConfig:
       time per tile, so moving a quarter of them off it can unblock the
       matrix work (FlashAttention-4's trick). 0 = all on the SFU; needs Lane
       semantics (set when > 0).
+    int8_magic: int8 Q K^T only: turn the int32 scores into float32 by adding
+      0x4B400000 to their bits (the float 1.5 * 2^23 + x, exact for |x| <
+      2^22) and folding the bias into the softmax FMA, instead of one
+      int-to-float conversion per score, which shares the SFU's 16 per clock.
+    pv_two_level: FP8 P V only: each step's P V goes to a fresh float32
+      accumulator that is added to the running one (SageAttention2's guard
+      against the FP8 tensor cores' reduced-precision accumulation); False
+      accumulates into the running one as the 16-bit kernel does.
   """
 
   stages: int = 2
@@ -126,6 +136,8 @@ class MosaicConfig:
   longest_first: bool = True
   lowering: Optional[str] = None
   exp2_poly_groups: int = 0
+  int8_magic: bool = False
+  pv_two_level: bool = True
 
   def validate(self, head_dim: int, precision: str = "bf16", with_out: bool = True) -> None:
     if self.stages not in (2, 3, 4):
@@ -317,7 +329,8 @@ def _kernel(table_refs, scale_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scope
             seq_len: int, num_blocks: int, heads: int, num_tiles: int,
             tiles_per_cta: int, q_slots: int, stages: int, scale_log2: float,
             per_batch: bool, per_head: bool, heads_fastest: bool,
-            compute_registers: int, kind: _Kind, out_dtype, exp2_poly_groups: int = 0):
+            compute_registers: int, kind: _Kind, out_dtype, exp2_poly_groups: int = 0,
+            int8_magic: bool = False, pv_two_level: bool = True):
   (q_smem3, k_smem, v_smem, o_smem2, lse_smem3), loaded, freed, schedule = scoped
   k_loaded, v_loaded, q_loaded = loaded
   k_freed, v_freed, q_freed = freed
@@ -419,7 +432,12 @@ def _kernel(table_refs, scale_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scope
         acc_dtype = jnp.int32 if kind.qk == "int8" else jnp.float32
         qk = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS_PER_WG, BLOCK_SIZE), acc_dtype))
         plgpu.barrier_arrive(k_freed.at[slot])
-        if kind.qk == "int8":
+        bias = 0.0
+        if kind.qk == "int8" and int8_magic:
+          # Bits of 1.5 * 2^23 + x: exact, |x| <= 127^2 * 128 < 2^22.
+          qk = lax.bitcast_convert_type(qk + jnp.int32(_MAGIC_BITS), jnp.float32)
+          bias = _MAGIC
+        elif kind.qk == "int8":
           qk = qk.astype(jnp.float32)        # exact: |q.k| < 2^21
         if masked:
           key = plgpu.broadcasted_iota(jnp.int32, (_ROWS_PER_WG, BLOCK_SIZE), 1,
@@ -427,11 +445,14 @@ def _kernel(table_refs, scale_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scope
           qk = jnp.where(key < tail_len, qk, -jnp.inf)
 
         # m is kept in scaled base-2 units: p = exp2(qk * c - m) is one FMA.
-        m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
+        row_max = qk.max(axis=1)
+        m_new = jnp.maximum(m_i, (row_max - bias if bias else row_max) * c)
         alpha = jnp.exp2(m_i - m_new)
         # FP8 P V takes P scaled by 448 (e4m3's range); the row sum carries the
         # same factor, which cancels in acc / l.
         shift = m_new - _LOG2_P_SCALE if kind.pv_fp8 else m_new
+        if bias:
+          shift = shift + bias * c                 # (bias + x) c - (m + bias c)
         x = qk * c - lax.broadcast_in_dim(shift, qk.shape, [0])
         p = _exp2_mixed(x, exp2_poly_groups) if exp2_poly_groups else jnp.exp2(x)
         if not with_out:
@@ -455,13 +476,18 @@ def _kernel(table_refs, scale_refs, q_ref, k_ref, v_ref, out_ref, lse_ref, scope
         if head_dim > 128:
           l_i += p.sum(axis=1)
 
-        if kind.pv_fp8:
+        if kind.pv_fp8 and pv_two_level:
           def pv(acc_ref):
             plgpu.wgmma(acc_ref, p_op, v_smem.at[slot].transpose((1, 0)))
             wait_next_k(t)
             return acc_ref[...]
           # Two-level accumulation: this step's P V in a fresh accumulator.
           acc = acc + pl.run_scoped(pv, plgpu.ACC((_ROWS_PER_WG, head_dim), jnp.float32))
+        elif kind.pv_fp8:
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_op, v_smem.at[slot].transpose((1, 0)))
+            wait_next_k(t)
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         else:
           def pv(acc_ref):
             plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
@@ -585,7 +611,8 @@ def _fwd(q, k, v, indices, counts, scales, *, sm_scale: float, config: MosaicCon
       tiles_per_cta=per_cta, q_slots=q_slots, stages=stages,
       scale_log2=float(sm_scale) * _LOG2E, per_batch=tb > 1, per_head=th > 1,
       heads_fastest=config.heads_fastest, compute_registers=config.compute_registers,
-      kind=kind, out_dtype=out_dtype, exp2_poly_groups=config.exp2_poly_groups)
+      kind=kind, out_dtype=out_dtype, exp2_poly_groups=config.exp2_poly_groups,
+      int8_magic=config.int8_magic, pv_two_level=config.pv_two_level)
   with_out = kind.with_out
 
   def entry(*refs):
