@@ -1,5 +1,6 @@
 """CogVideoX (text-to-video): the joint-attention transformer, its config, its
-positions (3D RoPE / sin-cos) and diffusers conversion."""
+positions (3D RoPE / sin-cos), diffusers conversion and the pipeline's helpers
+(prompt embeddings, latent sizes, dynamic guidance)."""
 
 from models.cogvideox.config import CogVideoXConfig
 from models.cogvideox.convert import (
@@ -12,6 +13,12 @@ from models.cogvideox.convert import (
     unstack_blocks,
 )
 from models.cogvideox.positions import rope_tables, sincos_embedding
+from models.cogvideox.sampling import (
+    dynamic_guidance_scales,
+    encode_prompts,
+    latent_frames,
+    latent_size,
+)
 from models.cogvideox.transformer import (
     DEFAULT_TEXT_LEN,
     CogVideoXDiT,
@@ -25,7 +32,8 @@ from models.cogvideox.transformer import (
 
 __all__ = [
     "DEFAULT_TEXT_LEN", "CogVideoXConfig", "CogVideoXDiT", "CogVideoXFamily", "apply",
-    "diffusers_tensor_shapes", "init_params", "load_diffusers_transformer", "load_params",
+    "diffusers_tensor_shapes", "dynamic_guidance_scales", "encode_prompts", "init_params",
+    "latent_frames", "latent_size", "load_diffusers_transformer", "load_params",
     "param_shapes", "patchify", "rope_tables", "save_diffusers_transformer", "save_params",
     "sincos_embedding", "stack_blocks", "unpatchify", "unstack_blocks",
 ]
