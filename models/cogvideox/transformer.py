@@ -153,10 +153,8 @@ class CogVideoXAttention(nn.Module):
     v = heads(dense("to_v", cfg.attention_bias)(x))
     q = LayerNorm(QK_NORM_EPS, True, cfg.param_dtype, name="norm_q")(q).astype(cfg.dtype)
     k = LayerNorm(QK_NORM_EPS, True, cfg.param_dtype, name="norm_k")(k).astype(cfg.dtype)
-    if rope is not None:
-      t = self.text_len
-      q = jnp.concatenate([q[:, :t], apply_rope(q[:, t:], *rope)], axis=1)
-      k = jnp.concatenate([k[:, :t], apply_rope(k[:, t:], *rope)], axis=1)
+    if rope is not None:  # the text rows of the tables are the identity (cos 1, sin 0)
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out, stats = attention.self_attention(q, k, v, control)
     out = out.reshape(*x.shape[:2], cfg.dim)
     return dense("to_out", True)(out), stats
@@ -268,7 +266,11 @@ class CogVideoXDiT(nn.Module):
             f"got a leaf of shape {leaf.shape}")
 
     grid = cfg.grid(*latents.shape[2:])
-    rope = positions.rope_tables(cfg, grid) if cfg.use_rotary else None
+    rope = None
+    if cfg.use_rotary:  # video rows after text_len identity rows: RoPE on the video tokens only
+      cos, sin = positions.rope_tables(cfg, grid)
+      rope = (jnp.concatenate([jnp.ones((text_len, cos.shape[1]), cos.dtype), cos]),
+              jnp.concatenate([jnp.zeros((text_len, sin.shape[1]), sin.dtype), sin]))
 
     temb = TimestepMLP(cfg.time_embed_dim, cfg.param_dtype, name="time_embedding")(
         timestep_embedding(timestep, cfg.dim, cfg.flip_sin_to_cos, cfg.freq_shift))
