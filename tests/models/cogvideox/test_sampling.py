@@ -13,7 +13,7 @@ import pytest
 from models import cogvideox
 from models.cogvideox import CogVideoXConfig, CogVideoXFamily, sampling
 from modjax import schedulers as S
-from tests.models.cogvideox.helpers import diffusers_forward, random_params, seeded_diffusers_model
+from tests.models.cogvideox.helpers import diffusers_forward, seeded_diffusers_model
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
