@@ -74,7 +74,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -819,7 +819,11 @@ class CogVideoXDPM(_CogVideoXSchedule):
   run is reproducible from that key; the values differ from torch's generator
   (the tests hand diffusers our noise). The last step (abar_prev = 1) lands on
   x0 exactly, without noise.
+
+  `stochastic` (a class attribute, absent from the other schedulers) tells a
+  caller that `init` takes the noise key.
   """
+  stochastic: ClassVar[bool] = True
 
   def step_inputs(self) -> dict[str, np.ndarray]:
     """timestep [steps]; index (int32, the noise's fold-in); c_sample, c_output; m_sample,

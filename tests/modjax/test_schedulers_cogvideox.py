@@ -177,6 +177,8 @@ def test_dpm_noise_follows_the_key():
   chex.assert_trees_all_equal(a, b)
   assert float(jnp.abs(a - c).max()) > 0.1
   chex.assert_trees_all_equal(sched.step(sched.init(x), x, x, xs)[0], run(jax.random.key(0)))
+  assert S.CogVideoXDPM.stochastic and not getattr(S.CogVideoXDDIM(4), "stochastic", False)
+  assert "stochastic" not in {f.name for f in dataclasses.fields(S.CogVideoXDPM)}
 
 
 def test_schedulers_are_static_and_model_sees_integer_timesteps():
