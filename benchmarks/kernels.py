@@ -11,6 +11,17 @@ One process, one card, side by side on identical inputs and masks:
   sparsity_map     the map pass given the lse ("given_lse") and the full
                    sparsity_map() with its lse-only flash pass ("with_lse")
   attention_with_map  block_sparse_attention_with_map (flash + map)
+  cudnn_fp8_dense  jax's cuDNN FP8 attention (fused_attention_stablehlo,
+                   use_fp8=True, unit scales), with --cudnn-fp8 or a quantized
+                   precision in --precisions
+
+Every row carries "precision" (--precisions: "bf16" and/or the quantized
+modes of pallas_kernels.quantize; the sparse rows of a quantized precision
+time the public call, quantization included) and, beside rel_err, "cos_sim":
+the mean over query rows and heads of the cosine similarity with the float32
+reference. --outliers N multiplies N random key tokens by 50 in every input
+set (the check set real models need: K token outliers). --cogvideo: head_dim
+64, 17550 tokens, 30 heads (CogVideoX), densities 0.25 / 0.2 / 0.1.
 
 Every timed row has rel_err = ||out - ref|| / ||ref|| against a float32
 reference on the same mask (computed for the first --ref-heads heads, query
@@ -222,6 +233,38 @@ def rel_err(out, ref) -> Optional[float]:
   return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def cos_sim(out, ref) -> Optional[float]:
+  """Mean over (query row, head) of cos(out, ref) along head_dim."""
+  if out is None or ref is None:
+    return None
+  o = np.asarray(out, np.float64).reshape(-1, np.shape(out)[-1])
+  r = np.asarray(ref, np.float64).reshape(-1, np.shape(ref)[-1])
+  den = np.linalg.norm(o, axis=-1) * np.linalg.norm(r, axis=-1)
+  ok = den > 0
+  if not np.isfinite(o).all():
+    return float("nan")
+  return float(np.mean((o * r).sum(-1)[ok] / den[ok])) if ok.any() else None
+
+
+def accuracy(out, ref) -> tuple:
+  """(rel_err, {"cos_sim": ...}) of an output against the float32 reference."""
+  return rel_err(out, ref), {"cos_sim": cos_sim(out, ref)}
+
+
+def cudnn_fp8_attention(head_dim: int):
+  """jax's cuDNN FP8 attention (unit scales) as a function of 16-bit q, k, v."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=import-outside-toplevel
+  params = {name: jnp.ones((1, 1, 1, 1), jnp.float32) for name in fa.FP8Params.__annotations__}
+  scale = 1.0 / math.sqrt(head_dim)
+  fp8 = jnp.float8_e4m3fn
+
+  def f(q, k, v):
+    out, _, _ = fa.dot_product_attention(q.astype(fp8), k.astype(fp8), v.astype(fp8),
+                                         fp8_params=params, scale=scale, use_fp8=True)
+    return out.astype(q.dtype)
+  return jax.jit(f)
+
+
 def map_rel_err(smap, ref) -> Optional[float]:
   smap = np.asarray(smap, np.float32)
   ref = np.asarray(ref, np.float32)
@@ -305,8 +348,10 @@ class Bench:
         "impl": impl, "seq_len": shape.seq_len, "heads": shape.heads,
         "head_dim": shape.head_dim, "dtype": shape.dtype, "density": density,
         "mask": mask, "time_ms": time_ms, "rel_err": err, "batch": shape.batch,
-        "block_size": shape.block,
+        "block_size": shape.block, "precision": "bf16",
     }
+    if self.args.outliers:
+      row["outliers"] = self.args.outliers
     if time_ms:
       row["tflops_effective"] = shape.flops(density) / (time_ms * 1e-3) / 1e12
     row.update(extra)
@@ -348,9 +393,13 @@ class Bench:
     sets = []
     for i in range(num_sets):
       keys = jax.random.split(jax.random.key(seed + i), 3)
-      sets.append(tuple(
-          jax.random.normal(k, (shape.batch, shape.seq_len, shape.heads, shape.head_dim),
-                            jnp.float32).astype(dtype) for k in keys))
+      q, k, v = (jax.random.normal(x, (shape.batch, shape.seq_len, shape.heads, shape.head_dim),
+                                   jnp.float32) for x in keys)
+      if self.args.outliers:
+        idx = np.random.default_rng(seed + i).choice(shape.seq_len, self.args.outliers,
+                                                     replace=False)
+        k = k.at[:, jnp.asarray(idx)].multiply(50.0)
+      sets.append(tuple(x.astype(dtype) for x in (q, k, v)))
     return sets
 
   def reference(self, shape: Shape, qkv, mask):
@@ -390,10 +439,18 @@ class Bench:
         fn = jax.jit(functools.partial(jax.nn.dot_product_attention,
                                        implementation="cudnn"))
         ms, comp, out = time_jax(fn, sets, args.runs)
-        return ms, rel_err(out[:, :, :hr], dense_ref), {"compile_s": round(comp, 2)}
+        err, more = accuracy(out[:, :, :hr], dense_ref)
+        return ms, err, {"compile_s": round(comp, 2), **more}
       row = self.guarded(shape, "cudnn_dense", "dense", 1.0, cudnn)
       if row["time_ms"]:
         dense_ms["cudnn"] = row["time_ms"]
+
+      if args.cudnn_fp8 or any(p != "bf16" for p in args.precisions):
+        def cudnn_fp8():
+          ms, comp, out = time_jax(cudnn_fp8_attention(shape.head_dim), sets, args.runs)
+          err, more = accuracy(out[:, :, :hr], dense_ref)
+          return ms, err, {"compile_s": round(comp, 2), **more}
+        self.guarded(shape, "cudnn_fp8_dense", "dense", 1.0, cudnn_fp8, precision="fp8")
 
       def pallas_dense():
         from jax.experimental.pallas.ops.gpu import attention as jax_attention
@@ -429,20 +486,24 @@ class Bench:
         extra = {"target_density": target}
 
         for impl in self.backends():
-          def ours(impl=impl):
-            # pk.block_sparse_attention is jitted (static config, global cache):
-            # the table is an argument, so masks of one shape compile once.
-            # Dense mode is block_mask=None (what a dense step passes).
-            fn = functools.partial(
-                pk.block_sparse_attention, block_mask=None if density >= 1.0 else table,
-                block_size=shape.block,
-                implementation=impl, interpret=self.interpret)
-            ms, comp, out = time_jax(fn, sets, args.runs)
-            more = {"compile_s": round(comp, 2)}
-            if ref_dense_ms:
-              more["speedup_vs_cudnn"] = round(ref_dense_ms / ms, 3)
-            return ms, rel_err(out[:, :, :hr], ref), more
-          self.guarded(shape, f"ours_{impl}", mask_kind, density, ours, **extra)
+          for precision in args.precisions:
+            def ours(impl=impl, precision=precision):
+              # pk.block_sparse_attention is jitted (static config, global cache):
+              # the table is an argument, so masks of one shape compile once.
+              # Dense mode is block_mask=None (what a dense step passes).
+              fn = functools.partial(
+                  pk.block_sparse_attention, block_mask=None if density >= 1.0 else table,
+                  block_size=shape.block, implementation=impl, interpret=self.interpret,
+                  precision=precision)
+              ms, comp, out = time_jax(fn, sets, args.runs)
+              err, more = accuracy(out[:, :, :hr], ref)
+              more["compile_s"] = round(comp, 2)
+              if ref_dense_ms:
+                more["speedup_vs_cudnn"] = round(ref_dense_ms / ms, 3)
+                more["effective_vs_cudnn"] = round(ref_dense_ms * density / ms, 3)
+              return ms, err, more
+            self.guarded(shape, f"ours_{impl}", mask_kind, density, ours, precision=precision,
+                         **extra)
 
         if self.torch is not None:
           self.guarded(shape, "flex", mask_kind, density,
@@ -510,9 +571,10 @@ class Bench:
     ms, comp, out = time_torch(call, self.args.runs)
     out = out.permute(0, 2, 1, 3)[:, :, :hr].float().cpu().numpy()
     # `out` came from the set used by the first (compile) call: set 0.
-    more = {"compile_s": round(comp, 2)}
+    err, more = accuracy(out, ref)
+    more["compile_s"] = round(comp, 2)
     tsets.clear()  # free the torch copies
-    return ms, rel_err(out, ref), more
+    return ms, err, more
 
   def run_triton_sweep(self, shape, sets, table, ref, hr, mask_kind, density, extra):
     from pallas_kernels import attention_triton as at
@@ -598,18 +660,23 @@ class Bench:
       self.run_map_sweep(shape, q0, k0, computed["lse"], map_table, mask_kind, density,
                          dense_ms, extra)
 
-    def with_lse():
-      fn = lambda q, k, m: pk.sparsity_map(q, k, block_mask=m, **kw)
-      ms, comp, out = time_jax(fn, [(q, k, bm) for q, k, _ in sets], args.runs)
-      return ms, err_of(out), self._vs_dense(ms, dense_ms, comp)
-    self.guarded(shape, "sparsity_map", mask_kind, density, with_lse,
-                 variant="with_lse_pass", **extra)
+    for precision in args.precisions:
+      # Quantized maps are checked against the bf16 reference map (quantization
+      # moves a few entries across the threshold): rel_err is indicative there.
+      def with_lse(precision=precision):
+        fn = lambda q, k, m: pk.sparsity_map(q, k, block_mask=m, precision=precision, **kw)
+        ms, comp, out = time_jax(fn, [(q, k, bm) for q, k, _ in sets], args.runs)
+        return ms, err_of(out), self._vs_dense(ms, dense_ms, comp)
+      self.guarded(shape, "sparsity_map", mask_kind, density, with_lse,
+                   variant="with_lse_pass", precision=precision, **extra)
 
-    def with_map():
-      fn = functools.partial(pk.block_sparse_attention_with_map, block_mask=bm, **kw)
-      ms, comp, out = time_jax(fn, sets, args.runs)
-      return ms, err_of(out[1]), self._vs_dense(ms, dense_ms, comp)
-    self.guarded(shape, "attention_with_map", mask_kind, density, with_map, **extra)
+      def with_map(precision=precision):
+        fn = functools.partial(pk.block_sparse_attention_with_map, block_mask=bm,
+                               precision=precision, **kw)
+        ms, comp, out = time_jax(fn, sets, args.runs)
+        return ms, err_of(out[1]), self._vs_dense(ms, dense_ms, comp)
+      self.guarded(shape, "attention_with_map", mask_kind, density, with_map,
+                   precision=precision, **extra)
 
   def run_map_sweep(self, shape, q0, k0, lse, map_table, mask_kind, density, dense_ms,
                     extra):
@@ -654,6 +721,10 @@ class Bench:
     print("\n=== block-sparse attention, time ms (rel_err) ===")
     impls = [i for i in ("cudnn_dense", "jax_fa3_dense", "pallas_dense", "flex")
              if any(r["impl"] == i for r in rows)]
+    for r in rows:
+      if r["impl"].startswith("ours_") and r.get("precision", "bf16") != "bf16" \
+          and not r["impl"].endswith(r["precision"]):
+        r["impl"] = f"{r['impl']}:{r['precision']}"
     impls += sorted({r["impl"] for r in rows if r["impl"].startswith("ours_")})
     header = f"{'S':>6} {'H':>3} {'mask':>7} {'dens':>6} " + "".join(f"{i:>20}" for i in impls)
     header += f"{'vs cudnn':>10}{'vs flex':>9}"
@@ -725,6 +796,13 @@ def parse_args(argv=None):
   p.add_argument("--masks", nargs="+", default=None, choices=MASKS)
   p.add_argument("--backends", nargs="+", default=None, choices=pk.IMPLEMENTATIONS)
   p.add_argument("--with-xla", action="store_true", help="also time the XLA backend on GPU")
+  p.add_argument("--precisions", nargs="+", default=["bf16"], choices=pk.PRECISIONS,
+                 help="precisions of our rows (quantized ones also time cuDNN FP8 dense)")
+  p.add_argument("--cudnn-fp8", action="store_true", help="time jax's cuDNN FP8 attention")
+  p.add_argument("--outliers", type=int, default=0,
+                 help="key tokens multiplied by 50 in every input set")
+  p.add_argument("--cogvideo", action="store_true",
+                 help="CogVideoX shapes: head_dim 64, 17550 tokens, 30 heads")
   p.add_argument("--runs", type=int, default=20)
   p.add_argument("--ref-heads", type=int, default=2,
                  help="heads checked against the f32 reference")
@@ -765,6 +843,11 @@ def parse_args(argv=None):
       args.densities = args.densities or [1.0, 0.25, 0.1]
       args.sweep_seq_lens = [16384]
       args.sweep_densities = [0.25]
+  if args.cogvideo:
+    args.head_dim = 64
+    args.seq_lens = args.seq_lens or [17550]
+    args.heads = args.heads or [30]
+    args.densities = args.densities or [1.0, 0.25, 0.2, 0.1]
   args.seq_lens = args.seq_lens or list(SEQ_LENS) + ([LONG_SEQ_LEN] if args.long else [])
   args.heads = args.heads or list(HEADS)
   args.densities = args.densities or list(DENSITIES)

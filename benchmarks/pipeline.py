@@ -61,6 +61,20 @@ def _tokenizer(folder: Path, vocab_size: int):
   return text_lib.Tokenizer.from_folder(folder)
 
 
+def _analysis_gb(compiled) -> dict:
+  """XLA's own memory analysis of a compiled stage (GiB): what that stage needs alone."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return {}
+  if m is None:
+    return {}
+  parts = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+               temp=m.temp_size_in_bytes, alias=getattr(m, "alias_size_in_bytes", 0))
+  total = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+  return {"xla_total_gb": total / 2**30, **{f"xla_{k}_gb": v / 2**30 for k, v in parts.items()}}
+
+
 def _peak_gb():
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use", 0) / 2**30, stats.get("bytes_in_use", 0) / 2**30
@@ -92,9 +106,8 @@ def build(tiny: bool, workdir: Path, with_diffusers_vae: bool):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_vae = torch_vae.to(device)
   else:
-    vcfg = (vae_lib.WanVAEConfig.tiny(z_dim=tcfg.in_channels) if tiny
-            else vae_lib.WanVAEConfig.wan2_1())
-    vparams = _random_tree(vae_lib.param_shapes(vcfg), jax.random.key(2), scale=0.05)
+    vcfg = vae_lib.WanVAEConfig.tiny() if tiny else vae_lib.WanVAEConfig.wan2_1()
+    vparams = vae_lib.init_params(vcfg, jax.random.key(2))
   sched = modjax.schedulers.FlowUniPC(1, flow_shift=3.0)
   scheduler_config = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
                       "use_flow_sigmas": True, "flow_shift": 3.0, "solver_order": sched.solver_order}
@@ -105,17 +118,20 @@ def build(tiny: bool, workdir: Path, with_diffusers_vae: bool):
   return pipe, torch_vae
 
 
-def mod_config(tokens: int, density: float = 0.2) -> modjax.MODConfig:
-  # Random weights give near-uniform maps: ~2 x density x n lines land ~density of blocks.
+def mod_config(tokens: int, steps: int, density: float = 0.2) -> modjax.MODConfig:
+  """The reference schedule (12/50 warm-up, interval 10/50) scaled to `steps`, sparse
+  refresh. Random weights give near-uniform maps: ~2 x density x n lines land ~density
+  of the blocks."""
   n = -(-tokens // 128)
-  return modjax.MODConfig(top_k=max(1, int(round(2 * density * n))), warmup_steps=12,
-                          interval=10, refresh="sparse")
+  return modjax.MODConfig(top_k=max(1, int(round(2 * density * n))),
+                          warmup_steps=max(2, round(steps * 12 / 50)),
+                          interval=max(1, round(steps * 10 / 50)), refresh="sparse")
 
 
 def time_torch_decode(torch_vae, z: np.ndarray):
   import torch
   device = next(torch_vae.parameters()).device
-  zt = torch.from_numpy(np.asarray(z, np.float32)).to(device)
+  zt = torch.from_numpy(np.array(z, np.float32)).to(device)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
   with torch.no_grad():
@@ -137,6 +153,8 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--shapes", default="480p,720p")
   ap.add_argument("--modes", default="dense,mod")
+  ap.add_argument("--vae-shapes", default="",
+                  help="shapes whose VAE decode alone is timed (ours and diffusers') on random latents")
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke)")
   ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers' torch VAE")
@@ -164,6 +182,7 @@ def main():
     print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 
+  calls = []  # stage times of the first call include the text encoder's and VAE's compiles
   for shape in args.shapes.split(","):
     frames, height, width = SHAPES["tiny" if args.tiny else shape]
     base = dict(frames=frames, height=height, width=width, shape=shape)
@@ -172,7 +191,7 @@ def main():
       if (time.perf_counter() - start) / 60 > args.max_minutes:
         print(f"time budget reached: skipping {shape}/{mode}")
         continue
-      attention = modjax.DenseConfig() if mode == "dense" else mod_config(tokens)
+      attention = modjax.DenseConfig() if mode == "dense" else mod_config(tokens, args.steps)
       estimate = pipe.memory_estimate(height=height, width=width, num_frames=frames,
                                       attention=attention)
       try:
@@ -184,19 +203,30 @@ def main():
         continue
       peak, live = _peak_gb()
       t = out.timings
+      first = not calls
+      calls.append(mode)
       for stage in ("text_encode", "compile", "denoise", "vae_decode"):
         save(dict(stage=stage, impl="modjax", mode=mode, time_s=t[stage], tokens=tokens,
                   steps=args.steps, sparsity=out.sparsity, peak_mem_gb=peak, live_mem_gb=live,
                   estimate_gb=estimate.total / 2**30, estimate=estimate.describe(),
-                  includes_compile=stage in ("compile",) or (stage != "denoise" and not rows),
-                  **base))
+                  first_call=first, **base))
       finite = bool(np.isfinite(out.latents).all())
+      # What each compiled stage needs by itself (the process-wide peak above also holds
+      # the random-weight generation and the other stages' buffers).
+      sampler_compiled = list(pipe._samplers.values())[-1]
+      save(dict(stage="denoise_memory", impl="modjax", mode=mode,
+                estimate_gb=estimate.stages["denoise"] / 2**30,
+                **_analysis_gb(sampler_compiled), **base))
       # Stages again on their own, compiled: text encoding and VAE decode.
       t0 = time.perf_counter()
-      jax.block_until_ready(pipe.encode_prompt([PROMPT, "blurry"]))
+      jax.block_until_ready((pipe.encode_prompt([PROMPT]), pipe.encode_prompt(["blurry"])))
       save(dict(stage="text_encode_warm", impl="modjax", mode=mode,
                 time_s=time.perf_counter() - t0, **base))
       z = vae_lib.denormalize_latents(pipe.vae_config, jnp.asarray(out.latents))
+      if mode == args.modes.split(",")[0]:
+        save(dict(stage="vae_decode_memory", impl="modjax", estimate_gb=estimate.stages[
+            "vae_decode"] / 2**30, **_analysis_gb(pipe._decode.lower(pipe.vae_params, z).compile()),
+            **base))
       t0 = time.perf_counter()
       ours = np.asarray(jax.block_until_ready(pipe._decode(pipe.vae_params, z)))
       save(dict(stage="vae_decode_warm", impl="modjax", mode=mode, finite=finite,
@@ -209,6 +239,34 @@ def main():
                     max_abs_diff_vs_modjax=err, **base))
         except Exception as e:
           save(dict(stage="vae_decode_warm", impl="diffusers", error=repr(e)[:400], **base))
+  for shape in filter(None, args.vae_shapes.split(",")):
+    if (time.perf_counter() - start) / 60 > args.max_minutes:
+      print(f"time budget reached: skipping the VAE decode at {shape}")
+      continue
+    frames, height, width = SHAPES["tiny" if args.tiny else shape]
+    base = dict(frames=frames, height=height, width=width, shape=shape)
+    latent = pipe.latent_size(height, width, frames)
+    z = jax.random.normal(jax.random.key(5), (1, pipe.vae_config.z_dim, *latent), jnp.float32)
+    estimate = vae_lib.decode_memory_bytes(pipe.vae_config, z.shape, pipe.vae_config.dtype)
+    try:
+      t0 = time.perf_counter()
+      jax.block_until_ready(pipe._decode(pipe.vae_params, z))
+      first = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      ours = np.asarray(jax.block_until_ready(pipe._decode(pipe.vae_params, z)))
+      save(dict(stage="vae_decode_warm", impl="modjax", time_s=time.perf_counter() - t0,
+                first_call_s=first, peak_mem_gb=_peak_gb()[0], estimate_gb=estimate / 2**30,
+                finite=bool(np.isfinite(ours).all()), **base))
+    except Exception as e:
+      save(dict(stage="vae_decode_warm", impl="modjax", error=repr(e)[:400], **base))
+      continue
+    if torch_vae is not None:
+      try:
+        theirs, seconds, tpeak = time_torch_decode(torch_vae, np.asarray(z))
+        save(dict(stage="vae_decode_warm", impl="diffusers", time_s=seconds, peak_mem_gb=tpeak,
+                  max_abs_diff_vs_modjax=float(np.abs(theirs - ours).max()), **base))
+      except Exception as e:
+        save(dict(stage="vae_decode_warm", impl="diffusers", error=repr(e)[:400], **base))
   print(f"{'stage':18s} {'impl':9s} {'mode':6s} {'shape':6s} {'time s':>8s} {'peak GB':>8s}")
   for r in rows:
     if "time_s" in r:

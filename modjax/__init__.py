@@ -7,6 +7,7 @@ Public API:
   Sampler, SamplerSettings, sample_fn, SampleOutput, sparsity: the sampler.
   AttentionControl: what a step asks of attention. callbacks: progress and timers.
   FlowEuler, FlowUniPC, from_diffusers_config: schedulers as scan steppers.
+  WanPipeline: prompt -> video from a diffusers Wan2.1 folder (text encoder, DiT, VAE).
 """
 
 from modjax.config import (
@@ -20,13 +21,14 @@ from modjax.config import (
 from modjax.control import AttentionControl
 from modjax.features import PatternFeatures, fit_pattern_features, reconstruct_map
 from modjax.policies import Geometry, MODState
+from modjax.pipelines import WanPipeline
 from modjax.predict import max_row_width, predict_mask
 from modjax.sampler import SampleOutput, Sampler, SamplerSettings, sample_fn, sparsity
 from modjax.schedule import StepKind, flow_sigmas, mod_step_kinds
 from modjax.schedulers import FlowEuler, FlowUniPC, from_diffusers_config
 
 __all__ = [
-    "AttentionControl", "DenseConfig", "FlowEuler", "FlowUniPC", "Geometry", "MODConfig",
+    "AttentionControl", "WanPipeline", "DenseConfig", "FlowEuler", "FlowUniPC", "Geometry", "MODConfig",
     "MODState", "OracleConfig", "PatternFeatures",
     "SampleOutput", "Sampler", "SamplerSettings", "StaticMaskConfig", "StaticWindowConfig", "StepKind",
     "fit_pattern_features", "flow_sigmas", "from_diffusers_config", "max_row_width", "mod_step_kinds",

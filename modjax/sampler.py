@@ -271,12 +271,18 @@ def check_schedule(family, settings: SamplerSettings) -> None:
   kinds = policy.step_kinds(steps)
   if not _runs_sparse(kinds, attention):
     what = type(attention).__name__
-    extra = (f", interval={attention.interval}, refresh={attention.refresh!r}"
-             if isinstance(attention, cfg_lib.MODConfig) else "")
+    fixes = ["more steps", "a shorter warm-up"]
+    extra = ""
+    if isinstance(attention, cfg_lib.MODConfig):
+      extra = f", interval={attention.interval}, refresh={attention.refresh!r}"
+      if attention.warmup_steps < steps:
+        fixes.append("a longer interval")
+        if attention.refresh == "dense":
+          fixes.append("refresh='sparse'")
     raise ValueError(
         f"{what}(warmup_steps={attention.warmup_steps}{extra}) with num_inference_steps="
         f"{steps} never runs a sparse step (every step is dense, a map step or a dense "
-        f"refresh); use more steps, a shorter warm-up, a longer interval or refresh='sparse'")
+        f"refresh); use {', '.join(fixes[:-1])} or {fixes[-1]}")
   if isinstance(policy, policies.MODPolicy):
     from modjax import predict
     n = policy.geom.num_blocks

@@ -9,7 +9,12 @@ Two schedulers, both frozen and hashable (static under jit):
                                              use_flow_sigmas=True: Wan2.1's default
 
 and `from_diffusers_config(config, num_inference_steps, **overrides)` to build one
-from a diffusers scheduler_config.json dict.
+from a diffusers scheduler_config.json dict. CogVideoX's discrete-time
+v-prediction schedulers follow the same protocol (see their section below):
+
+  CogVideoXDDIM(num_inference_steps)         diffusers' CogVideoXDDIMScheduler
+  CogVideoXDPM(num_inference_steps)          diffusers' CogVideoXDPMScheduler (stochastic:
+                                             init(latents, key) takes the noise key)
 
 Every scheduler has the same four members:
 
@@ -69,7 +74,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -475,13 +480,17 @@ def _require(cfg: Mapping[str, Any], where: str, key: str, allowed: tuple) -> No
     raise ValueError(f"{where}: {key}={value!r} is not supported; supported: {list(allowed)}")
 
 
-def from_diffusers_config(config: Mapping[str, Any], num_inference_steps: int,
-                          **overrides) -> "FlowUniPC | FlowEuler":
+def from_diffusers_config(config: Mapping[str, Any], num_inference_steps: int, *,
+                          class_name: Optional[str] = None, **overrides):
   """A scheduler from a diffusers scheduler_config.json dict (as `Scheduler.from_config(config,
   **overrides)` would build it), then `set_timesteps(num_inference_steps)`.
 
-  `_class_name` must be UniPCMultistepScheduler (-> FlowUniPC) or
-  FlowMatchEulerDiscreteScheduler (-> FlowEuler(sigma_schedule="diffusers")).
+  `_class_name` (or class_name, which replaces it: diffusers'
+  `OtherScheduler.from_config(config)`) must be UniPCMultistepScheduler (-> FlowUniPC),
+  FlowMatchEulerDiscreteScheduler (-> FlowEuler(sigma_schedule="diffusers")),
+  CogVideoXDDIMScheduler (-> CogVideoXDDIM) or CogVideoXDPMScheduler (-> CogVideoXDPM;
+  CogVideoX-5b's model card swaps the folder's DDIM config for it:
+  `from_diffusers_config(cfg, 50, class_name="CogVideoXDPMScheduler")`).
   overrides: config keys; `flow_shift` is also accepted for the Euler class, where
   it sets `shift` (the pipeline passes 3.0 at 480p, 5.0 at 720p).
   Keys that do not change the math under the supported options (betas,
@@ -491,10 +500,13 @@ def from_diffusers_config(config: Mapping[str, Any], num_inference_steps: int,
   """
   from models.weights import parse_config  # lazy: keeps this module numpy + jax on import
 
-  class_name = config.get("_class_name")
+  if class_name is None:
+    class_name = config.get("_class_name")
+  if class_name in _COGVIDEOX_CLASSES:
+    return _cogvideox_from_config({**config, **overrides}, num_inference_steps, class_name)
   if class_name not in _CLASSES:
-    raise ValueError(f"scheduler config: _class_name must be one of {list(_CLASSES)}, "
-                     f"got {class_name!r}")
+    raise ValueError(f"scheduler config: _class_name must be one of "
+                     f"{list(_CLASSES) + list(_COGVIDEOX_CLASSES)}, got {class_name!r}")
   where = f"{class_name} config"
   raw = dict(config)
   overrides = dict(overrides)
@@ -562,3 +574,381 @@ def scan_schedule(scheduler, model_fn, latents: jax.Array, *, xs: Optional[Mappi
   latents = jnp.asarray(latents, jnp.float32)
   (x, _), path = jax.lax.scan(body, (latents, scheduler.init(latents)), xs, unroll=unroll)
   return x, path
+
+
+# ---------------------------------------------------------------------------
+# Pipelines that hand FlowMatchEulerDiscreteScheduler their own sigmas
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FlowEulerLinspace:
+  """diffusers' `FlowMatchEulerDiscreteScheduler` after
+  `set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])`: what
+  `HunyuanVideoPipeline` (diffusers 0.42.1) does; `from_diffusers_config` gives
+  `set_timesteps(steps)` instead, a different schedule.
+
+  In float32, as diffusers: s = float32(linspace(1, 0, steps + 1)[:-1]), sigma =
+  shift s / (1 + (shift - 1) s), then a final 0; timestep N sigma. This is
+  FlowEuler's "modjax" schedule computed in float32 rather than float64 (they differ
+  by at most 2 ulp). The step is FlowEuler's.
+  """
+  num_inference_steps: int
+  shift: float
+  num_train_timesteps: int = 1000
+
+  def __post_init__(self):
+    object.__setattr__(self, "num_inference_steps", _check_steps(self.num_inference_steps))
+    object.__setattr__(self, "shift", _check_positive("shift", self.shift))
+    object.__setattr__(self, "num_train_timesteps",
+                       _check_train_timesteps(self.num_train_timesteps, 1))
+
+  def sigmas(self) -> np.ndarray:
+    """float32 [steps + 1]: sigma_0 = 1 > ... > sigma_steps = 0."""
+    s = np.linspace(1.0, 0.0, self.num_inference_steps + 1)[:-1].astype(np.float32)
+    s = self.shift * s / (1 + (self.shift - 1) * s)  # float32 arithmetic, as diffusers
+    return np.concatenate([s.astype(np.float32), np.zeros((1,), np.float32)])
+
+  def timesteps(self) -> np.ndarray:
+    return self.sigmas()[:-1] * np.float32(self.num_train_timesteps)
+
+  def step_inputs(self) -> dict[str, np.ndarray]:
+    s = self.sigmas()
+    return dict(timestep=self.timesteps(), sigma=s[:-1], sigma_next=s[1:])
+
+  def init(self, latents: jax.Array) -> tuple:
+    del latents
+    return ()
+
+  def step(self, carry, latents, model_output, xs):
+    return FlowEuler.step(self, carry, latents, model_output, xs)
+
+
+def hunyuan_video_scheduler(config: Mapping[str, Any], num_inference_steps: int,
+                            **overrides) -> FlowEulerLinspace:
+  """HunyuanVideoPipeline's stepper from its scheduler_config.json dict: the config is
+  checked as `from_diffusers_config` checks it (FlowMatchEulerDiscreteScheduler only;
+  overrides are config keys, `flow_shift` sets `shift`), and its shift and
+  num_train_timesteps drive the pipeline's linspace sigmas (`FlowEulerLinspace`)."""
+  if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+    raise ValueError(f"HunyuanVideo scheduler config: _class_name must be "
+                     f"'FlowMatchEulerDiscreteScheduler', got {config.get('_class_name')!r}")
+  euler = from_diffusers_config(config, num_inference_steps, **overrides)
+  return FlowEulerLinspace(euler.num_inference_steps, shift=euler.shift,
+                           num_train_timesteps=euler.num_train_timesteps)
+
+
+# ---------------------------------------------------------------------------
+# CogVideoX: v-prediction DDIM and DPM-Solver++ (2M, SDE) on a discrete schedule
+# ---------------------------------------------------------------------------
+#
+# diffusers 0.42.1 `CogVideoXDDIMScheduler` / `CogVideoXDPMScheduler`. These are
+# not flow schedulers: the model sees the latents unscaled (init_noise_sigma = 1,
+# scale_model_input is the identity), its input timestep is the integer training
+# timestep t_i, and its output (v, or eps / x0 with prediction_type) is turned
+# into x0 = sqrt(abar_t) x - sqrt(1 - abar_t) v by the step. Every coefficient
+# depends on the schedule only and is precomputed here from diffusers' own
+# alphas_cumprod (float64 for scaled_linear, float32 for the others, as in
+# diffusers); the traced steps are a few multiply-adds.
+#
+# diffusers' quirks kept on purpose: the "previous" timestep of step i is
+# t_i - N // n (not t_{i+1}, which differs when n does not divide N), with
+# abar = 1 (set_alpha_to_one) below 0; the DPM history weight uses the actual
+# previous timestep t_{i-1}; clip_sample, clip_sample_range, sample_max_value
+# and eta are never read by diffusers' steps, so they are accepted and ignored.
+
+_COGVIDEOX_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_COGVIDEOX_PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
+_COGVIDEOX_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+  """diffusers' `betas_for_alpha_bar` (cosine), float32."""
+  alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+  return np.asarray([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta)
+                     for i in range(n)], np.float32)
+
+
+def cogvideox_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                             beta_end: float = 0.012, beta_schedule: str = "scaled_linear",
+                             trained_betas=None, snr_shift_scale: float = 3.0,
+                             rescale_betas_zero_snr: bool = True) -> np.ndarray:
+  """diffusers' CogVideoX `alphas_cumprod` [N] in diffusers' dtype (float64 for
+  scaled_linear, float32 otherwise): abar = cumprod(1 - beta), SNR-shifted
+  abar / (s + (1 - s) abar), optionally rescaled to zero terminal SNR."""
+  n = num_train_timesteps
+  if trained_betas is not None:
+    betas = np.asarray(trained_betas, np.float32)
+  elif beta_schedule == "linear":
+    betas = np.linspace(beta_start, beta_end, n).astype(np.float32)
+  elif beta_schedule == "scaled_linear":
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
+  else:
+    betas = _cosine_betas(n)
+  dtype = betas.dtype.type
+  # torch's CPU cumprod accumulates float32 in float64, rounding each product to float32
+  abar = np.cumprod((dtype(1) - betas).astype(np.float64)).astype(betas.dtype)
+  abar = abar / (dtype(snr_shift_scale) + dtype(1 - snr_shift_scale) * abar)
+  if rescale_betas_zero_snr:
+    root = np.sqrt(abar)
+    root_0, root_t = root[0], root[-1]
+    root = (root - root_t) * (root_0 / (root_0 - root_t))
+    abar = root ** 2
+  return abar.astype(betas.dtype)
+
+
+def cogvideox_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
+                        timestep_spacing: str = "trailing", steps_offset: int = 0) -> np.ndarray:
+  """diffusers' CogVideoX `set_timesteps`: int64 [steps], decreasing.
+
+  ValueError where diffusers' schedule is broken: "trailing" gives one timestep
+  too many (ending at -1, read as t = N - 1) for some step counts (61, 103, ...
+  at N = 1000), and steps_offset can push "leading" past N - 1.
+  """
+  n, big_n = num_inference_steps, num_train_timesteps
+  if timestep_spacing == "linspace":
+    ts = np.linspace(0, big_n - 1, n).round()[::-1].copy().astype(np.int64)
+  elif timestep_spacing == "leading":
+    ts = (np.arange(0, n) * (big_n // n)).round()[::-1].copy().astype(np.int64) + steps_offset
+  else:
+    ts = np.round(np.arange(big_n, 0, -big_n / n)).astype(np.int64) - 1
+  if len(ts) != n or ts.min() < 0 or ts.max() > big_n - 1:
+    raise ValueError(
+        f"timestep_spacing={timestep_spacing!r} with num_inference_steps={n}, "
+        f"num_train_timesteps={big_n}, steps_offset={steps_offset} gives diffusers the timesteps "
+        f"{ts.tolist()}: {len(ts)} of them, in [{ts.min()}, {ts.max()}], not {n} in "
+        f"[0, {big_n - 1}]; choose another step count")
+  return ts
+
+
+@dataclasses.dataclass(frozen=True)
+class _CogVideoXSchedule:
+  """The fields and the schedule shared by CogVideoXDDIM and CogVideoXDPM.
+
+  Defaults are the CogVideoX checkpoints' scheduler_config.json (v_prediction,
+  scaled_linear 0.00085..0.012, SNR shift 3, zero terminal SNR, trailing
+  spacing), not diffusers' constructor defaults (from_diffusers_config applies
+  those to keys a config lacks).
+  """
+  num_inference_steps: int
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.00085
+  beta_end: float = 0.012
+  beta_schedule: str = "scaled_linear"
+  trained_betas: Optional[tuple] = None
+  set_alpha_to_one: bool = True
+  steps_offset: int = 0
+  prediction_type: str = "v_prediction"
+  timestep_spacing: str = "trailing"
+  rescale_betas_zero_snr: bool = True
+  snr_shift_scale: float = 3.0
+
+  def __post_init__(self):
+    name = type(self).__name__
+    object.__setattr__(self, "num_train_timesteps",
+                       _check_train_timesteps(self.num_train_timesteps, 2))
+    n = _check_steps(self.num_inference_steps)
+    if n > self.num_train_timesteps:
+      raise ValueError(f"{name}: num_inference_steps={n} cannot exceed num_train_timesteps="
+                       f"{self.num_train_timesteps}")
+    object.__setattr__(self, "num_inference_steps", n)
+    for field in ("beta_start", "beta_end", "snr_shift_scale"):
+      object.__setattr__(self, field, _check_positive(field, getattr(self, field)))
+    _check_choice("beta_schedule", self.beta_schedule, _COGVIDEOX_BETA_SCHEDULES)
+    _check_choice("prediction_type", self.prediction_type, _COGVIDEOX_PREDICTION_TYPES)
+    _check_choice("timestep_spacing", self.timestep_spacing, _COGVIDEOX_SPACINGS)
+    for field in ("set_alpha_to_one", "rescale_betas_zero_snr"):
+      _check_bool(field, getattr(self, field))
+      object.__setattr__(self, field, bool(getattr(self, field)))
+    if (isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, numbers.Integral)
+        or self.steps_offset < 0):
+      raise ValueError(f"steps_offset must be an int >= 0, got {self.steps_offset!r}")
+    object.__setattr__(self, "steps_offset", int(self.steps_offset))
+    if self.trained_betas is not None:
+      betas = self.trained_betas
+      if (isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list))
+          or len(betas) != self.num_train_timesteps
+          or not all(isinstance(b, numbers.Real) and 0 < b < 1 for b in betas)):
+        raise ValueError(f"trained_betas must be None or num_train_timesteps="
+                         f"{self.num_train_timesteps} numbers in (0, 1)")
+      object.__setattr__(self, "trained_betas", tuple(float(b) for b in betas))
+    abar = self.alphas_cumprod()
+    if not (np.isfinite(abar).all() and (abar >= 0).all() and (abar < 1).all()):
+      raise ValueError(f"{name}: alphas_cumprod must lie in [0, 1), got [{abar.min()}, "
+                       f"{abar.max()}] (check the betas)")
+    self.step_inputs()  # raises for broken spacings and non-finite coefficients
+
+  def alphas_cumprod(self) -> np.ndarray:
+    """[N] in diffusers' dtype (see `cogvideox_alphas_cumprod`)."""
+    return cogvideox_alphas_cumprod(self.num_train_timesteps, self.beta_start, self.beta_end,
+                                    self.beta_schedule, self.trained_betas, self.snr_shift_scale,
+                                    self.rescale_betas_zero_snr)
+
+  def int_timesteps(self) -> np.ndarray:
+    """int64 [steps]: diffusers' `scheduler.timesteps`."""
+    return cogvideox_timesteps(self.num_inference_steps, self.num_train_timesteps,
+                               self.timestep_spacing, self.steps_offset)
+
+  def timesteps(self) -> np.ndarray:
+    """float32 [steps]: the model's timestep input (diffusers' integer timesteps)."""
+    return self.int_timesteps().astype(np.float32)
+
+  def _alphas(self):
+    """float64 per step: abar_t, abar_prev (at t - N // n, or the final alpha), abar_back
+    (at t_{i-1}; NaN at step 0), and whether step i uses the DPM history."""
+    abar = self.alphas_cumprod().astype(np.float64)
+    final = 1.0 if self.set_alpha_to_one else float(abar[0])
+    ts = self.int_timesteps()
+    prev = ts - self.num_train_timesteps // self.num_inference_steps
+    a_t = abar[ts]
+    a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
+    a_back = np.concatenate([[np.nan], a_t[:-1]])
+    second = (np.arange(len(ts)) > 0) & (prev >= 0)
+    return a_t, a_prev, a_back, second
+
+  def _x0_coefficients(self, a_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x0 = c_sample x + c_output model_output, per step."""
+    if self.prediction_type == "v_prediction":
+      return np.sqrt(a_t), -np.sqrt(1 - a_t)
+    if self.prediction_type == "epsilon":
+      with np.errstate(divide="ignore"):
+        return 1 / np.sqrt(a_t), -np.sqrt(1 - a_t) / np.sqrt(a_t)
+    return np.zeros_like(a_t), np.ones_like(a_t)
+
+  def _finite(self, coef: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    bad = [k for k, v in coef.items() if not np.isfinite(v).all()]
+    if bad:
+      raise ValueError(f"{type(self).__name__}: coefficients {bad} are not finite for this "
+                       f"schedule (prediction_type={self.prediction_type!r} at abar = 0?)")
+    return {k: _f32(v) for k, v in coef.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class CogVideoXDDIM(_CogVideoXSchedule):
+  """diffusers' CogVideoXDDIMScheduler (the scheduler_config.json of CogVideoX-2b/5b).
+
+  Deterministic: x0 from the model output, then
+  x_prev = sqrt((1 - abar_prev) / (1 - abar_t)) x + (sqrt(abar_prev) - sqrt(abar_t) a) x0.
+  Carry: () (no history).
+  """
+
+  def step_inputs(self) -> dict[str, np.ndarray]:
+    """timestep [steps]; c_sample, c_output (x0 from x and the model output); a, b
+    (x_prev = a x + b x0)."""
+    a_t, a_prev, _, _ = self._alphas()
+    c_sample, c_output = self._x0_coefficients(a_t)
+    a = np.sqrt((1 - a_prev) / (1 - a_t))
+    b = np.sqrt(a_prev) - np.sqrt(a_t) * a
+    xs = self._finite(dict(c_sample=c_sample, c_output=c_output, a=a, b=b))
+    xs["timestep"] = self.timesteps()
+    return xs
+
+  def init(self, latents: jax.Array) -> tuple:
+    del latents
+    return ()
+
+  def step(self, carry, latents, model_output, xs):
+    x = latents.astype(jnp.float32)
+    x0 = xs["c_sample"] * x + xs["c_output"] * model_output.astype(jnp.float32)
+    return xs["a"] * x + xs["b"] * x0, carry
+
+
+class CogVideoXDPMCarry(NamedTuple):
+  """CogVideoXDPM's scan state.
+
+  old_pred_original_sample: float32 [*latents], the previous step's x0 (zeros at
+    step 0, where its weight is zero).
+  key: the step noise's key; step i draws normal(fold_in(key, i)).
+  """
+  old_pred_original_sample: jax.Array
+  key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class CogVideoXDPM(_CogVideoXSchedule):
+  """diffusers' CogVideoXDPMScheduler: DPM-Solver++(2M) in its SDE form, the
+  scheduler CogVideoX's model cards recommend for 5b.
+
+  With lambda = log sqrt(abar / (1 - abar)), h = lambda_prev - lambda_t:
+    x0 = c_sample x + c_output model_output
+    D = (1 + 1/(2r)) x0 - 1/(2r) x0_{i-1}   (r = (lambda_t - lambda_{t_{i-1}}) / h),
+        D = x0 at step 0 and where t - N // n < 0 (the last step)
+    x_prev = sqrt((1 - abar_prev) / (1 - abar_t)) e^-h x - expm1(-2h) sqrt(abar_prev) D
+             + sqrt(1 - abar_prev) sqrt(1 - e^-2h) noise
+  The noise term is always on (diffusers draws it whatever eta is; on
+  second-order steps it draws twice and uses the second draw). Our noise is
+  normal(fold_in(key, i)) float32 with the key from `init(latents, key)`, so a
+  run is reproducible from that key; the values differ from torch's generator
+  (the tests hand diffusers our noise). The last step (abar_prev = 1) lands on
+  x0 exactly, without noise.
+
+  `stochastic` (a class attribute, absent from the other schedulers) tells a
+  caller that `init` takes the noise key.
+  """
+  stochastic: ClassVar[bool] = True
+
+  def step_inputs(self) -> dict[str, np.ndarray]:
+    """timestep [steps]; index (int32, the noise's fold-in); c_sample, c_output; m_sample,
+    m_denoised, m_noise (x_prev = m_sample x - m_denoised D + m_noise noise); d_new, d_old
+    (D = d_new x0 - d_old x0_prev: 1, 0 on first-order steps); second_order (bool, for
+    inspection)."""
+    a_t, a_prev, a_back, second = self._alphas()
+    c_sample, c_output = self._x0_coefficients(a_t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      lam = lambda a: np.log(np.sqrt(a / (1 - a)))
+      h = lam(a_prev) - lam(a_t)
+      m_sample = np.sqrt((1 - a_prev) / (1 - a_t)) * np.exp(-h)
+      m_denoised = np.expm1(-2 * h) * np.sqrt(a_prev)
+      m_noise = np.sqrt(1 - a_prev) * np.sqrt(1 - np.exp(-2 * h))
+      r = (lam(a_t) - lam(a_back)) / h
+      d_new = np.where(second, 1 + 1 / (2 * r), 1.0)
+      d_old = np.where(second, 1 / (2 * r), 0.0)
+    xs = self._finite(dict(c_sample=c_sample, c_output=c_output, m_sample=m_sample,
+                           m_denoised=m_denoised, m_noise=m_noise, d_new=d_new, d_old=d_old))
+    xs.update(timestep=self.timesteps(), index=np.arange(self.num_inference_steps, dtype=np.int32),
+              second_order=second)
+    return xs
+
+  def init(self, latents: jax.Array, key: Optional[jax.Array] = None) -> CogVideoXDPMCarry:
+    """key: the noise key (a `jax.random.key`); None takes jax.random.key(0), so a
+    caller that passes none gets the same noise sequence on every run."""
+    if key is None:
+      key = jax.random.key(0)
+    return CogVideoXDPMCarry(old_pred_original_sample=jnp.zeros(jnp.shape(latents), jnp.float32),
+                             key=key)
+
+  def step(self, carry: CogVideoXDPMCarry, latents, model_output, xs):
+    x = latents.astype(jnp.float32)
+    x0 = xs["c_sample"] * x + xs["c_output"] * model_output.astype(jnp.float32)
+    denoised = xs["d_new"] * x0 - xs["d_old"] * carry.old_pred_original_sample
+    noise = jax.random.normal(jax.random.fold_in(carry.key, xs["index"]), x.shape, jnp.float32)
+    nxt = xs["m_sample"] * x - xs["m_denoised"] * denoised + xs["m_noise"] * noise
+    return nxt, carry._replace(old_pred_original_sample=x0)
+
+
+# Every __init__ argument of diffusers 0.42.1's CogVideoXDDIMScheduler and
+# CogVideoXDPMScheduler (the same list), with its default.
+COGVIDEOX_CONFIG_DEFAULTS = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0120, beta_schedule="scaled_linear",
+    trained_betas=None, clip_sample=True, set_alpha_to_one=True, steps_offset=0,
+    prediction_type="epsilon", clip_sample_range=1.0, sample_max_value=1.0,
+    timestep_spacing="leading", rescale_betas_zero_snr=False, snr_shift_scale=3.0)
+
+_COGVIDEOX_CLASSES = {"CogVideoXDDIMScheduler": CogVideoXDDIM,
+                      "CogVideoXDPMScheduler": CogVideoXDPM}
+
+
+def _cogvideox_from_config(raw: Mapping[str, Any], num_inference_steps: int,
+                           class_name: str) -> "CogVideoXDDIM | CogVideoXDPM":
+  from models.weights import parse_config  # lazy: keeps this module numpy + jax on import
+
+  where = f"{class_name} config"
+  cfg = parse_config(raw, COGVIDEOX_CONFIG_DEFAULTS, where=where,
+                     class_names=tuple(_COGVIDEOX_CLASSES))
+  for key in ("clip_sample", "clip_sample_range", "sample_max_value"):  # never read by the step
+    cfg.pop(key)
+  betas = cfg.pop("trained_betas")
+  try:
+    return _COGVIDEOX_CLASSES[class_name](
+        num_inference_steps, trained_betas=None if betas is None else tuple(betas), **cfg)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None

@@ -4,7 +4,8 @@ Backends live one per module and are picked by `implementation=`:
 
   "xla"        plain XLA gather (every device, any head_dim; the fallback),
   "mosaic_gpu" Pallas Mosaic GPU for Hopper (wgmma, TMA, warp specialization;
-               bf16/f16, block_size 128; its lse-only pass runs on Triton),
+               bf16/f16, block_size 128; attention, lse-only and map passes,
+               all precisions natively),
   "triton"     Pallas GPU through the Triton lowering,
   "tpu"        Pallas Mosaic TPU with scalar-prefetched tables,
   "reference"  dense masked float32 attention (the test oracle; slow),
@@ -18,6 +19,15 @@ table, ...) -> lse`, where table=None means dense (`table_or_dense` builds the
 all-active table for backends without a dedicated dense loop); each map module
 provides `sparsity_map_from_lse(q, k, lse, table, *, block_size, threshold,
 sm_scale, interpret)`. A new backend is one line in `_BACKENDS`.
+
+Precisions (`precision=`, see pallas_kernels.quantize): "bf16" (no
+quantization, the default), "fp8", "int8_fp8", "int8_bf16". A backend module
+that lists a precision in its `PRECISIONS` computes it natively
+(`quantized_attention_fwd(qq, table, ...)`, `quantized_lse(qq, table, ...)`,
+`quantized_map_from_lse(qq, lse, table, ...)` on `quantize_qkv`'s output);
+every other backend computes the same quantized function in reference form:
+Q, K, V quantized and dequantized to float32 with the same scales, then its
+float32 path (P is not rounded there).
 """
 
 from __future__ import annotations
@@ -30,12 +40,14 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import quantize
 from pallas_kernels.block_table import (BlockTable, block_mask_from_table, check_block_table,
                                         compact_block_mask)
 
 __all__ = [
     "IMPLEMENTATIONS",
     "BLOCK_SIZES",
+    "PRECISIONS",
     "default_implementation",
     "block_sparse_attention",
     "block_sparse_attention_with_map",
@@ -45,12 +57,13 @@ __all__ = [
 # name -> (attention module, sparsity-map module), both under pallas_kernels.
 _BACKENDS = {
     "xla": ("attention_xla", "map_xla"),
-    "mosaic_gpu": ("attention_mosaic_gpu", "map_triton"),
+    "mosaic_gpu": ("attention_mosaic_gpu", "map_mosaic_gpu"),
     "triton": ("attention_triton", "map_triton"),
     "tpu": ("attention_tpu", "map_tpu"),
     "reference": ("attention_reference", "map_reference"),
 }
 IMPLEMENTATIONS = tuple(_BACKENDS)
+PRECISIONS = quantize.PRECISIONS
 _PALLAS = ("mosaic_gpu", "triton", "tpu")  # backends with a head_dim restriction
 BLOCK_SIZES = (64, 128)
 HEAD_DIMS = (64, 128)
@@ -91,7 +104,12 @@ def _map_module(implementation: str):
       f"(looked for pallas_kernels.{', pallas_kernels.'.join(dict.fromkeys(names))})")
 
 
-def _validate_qkv(q, k, v, *, block_size, implementation, need_v=True):
+def _native(module, precision: str) -> bool:
+  return precision in getattr(module, "PRECISIONS", ("bf16",))
+
+
+def _validate_qkv(q, k, v, *, block_size, implementation, need_v=True, precision="bf16"):
+  quantize.check_precision(precision)
   names = ("q", "k", "v") if need_v else ("q", "k")
   arrays = (q, k, v) if need_v else (q, k)
   for name, x in zip(names, arrays):
@@ -170,25 +188,39 @@ def _resolve(q, implementation, sm_scale, block_size):
   return impl, scale
 
 
-def _fwd(q, k, v, block_mask, *, block_size, sm_scale, implementation, interpret):
+def _fwd(q, k, v, block_mask, *, block_size, sm_scale, implementation, interpret,
+         precision="bf16"):
   b, s, h, _ = q.shape
   n = -(-s // block_size)
   impl, scale = _resolve(q, implementation, sm_scale, block_size)
   table = _to_table(block_mask, b, h, n, broadcast=False)
-  # None = dense: backends with a static all-blocks loop (mosaic_gpu) use it.
-  out, lse = _attention_module(impl).block_sparse_attention_fwd(
-      q, k, v, table, block_size=block_size, sm_scale=scale,
-      interpret=interpret)
-  return out, lse, table, impl, scale
+  module = _attention_module(impl)
+  qq = None
+  if precision == "bf16":
+    # None = dense: backends with a static all-blocks loop (mosaic_gpu) use it.
+    out, lse = module.block_sparse_attention_fwd(
+        q, k, v, table, block_size=block_size, sm_scale=scale, interpret=interpret)
+  else:
+    qq = quantize.quantize_qkv(q, k, v, precision=precision)
+    if _native(module, precision):
+      out, lse = module.quantized_attention_fwd(qq, table, block_size=block_size,
+                                                sm_scale=scale, out_dtype=q.dtype)
+    else:                   # reference form: the dequantized values in float32
+      qd, kd, vd = quantize.dequantize(qq)
+      out, lse = module.block_sparse_attention_fwd(
+          qd, kd, vd, table, block_size=block_size, sm_scale=scale, interpret=interpret)
+      out = out.astype(q.dtype)
+  return out, lse, table, impl, scale, qq
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "sm_scale", "implementation", "interpret"))
+    "block_size", "sm_scale", "implementation", "interpret", "precision"))
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                            block_mask: MaskLike, *, block_size: int = 128,
                            sm_scale: Optional[float] = None,
                            implementation: Optional[str] = None,
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False,
+                           precision: str = "bf16") -> jax.Array:
   """Block-sparse softmax attention.
 
   Args:
@@ -200,73 +232,105 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     sm_scale: softmax scale, default 1 / sqrt(D).
     implementation: one of IMPLEMENTATIONS or None (best for the device).
     interpret: run the Pallas backends in interpret mode (CPU testing).
+    precision: one of PRECISIONS: "bf16" (no quantization: the inputs' dtype),
+      "fp8" (Q, K, P, V in e4m3), "int8_fp8" (int8 Q K^T, e4m3 P V) or
+      "int8_bf16" (int8 Q K^T, 16-bit P V); quantized with per-block scales
+      after smoothing K by its token mean (pallas_kernels.quantize). Native
+      on mosaic_gpu; the other backends compute the same quantized function
+      in reference form (dequantized float32 inputs).
   Returns:
     [B, S, H, D] in q.dtype. Keys past S never count; a query whose mask row
     is empty gets zeros.
   """
-  _validate_qkv(q, k, v, block_size=block_size, implementation=implementation)
+  _validate_qkv(q, k, v, block_size=block_size, implementation=implementation,
+                precision=precision)
   return _fwd(q, k, v, block_mask, block_size=block_size, sm_scale=sm_scale,
-              implementation=implementation, interpret=interpret)[0]
+              implementation=implementation, interpret=interpret,
+              precision=precision)[0]
 
 
-def _map(q, k, lse, table, *, impl, block_size, threshold, scale, interpret):
-  return _map_module(impl).sparsity_map_from_lse(
-      q, k, lse, table, block_size=block_size, threshold=threshold,
+def _map(q, k, lse, table, *, impl, block_size, threshold, scale, interpret, qq=None):
+  module = _map_module(impl)
+  if qq is None:
+    return module.sparsity_map_from_lse(
+        q, k, lse, table, block_size=block_size, threshold=threshold,
+        sm_scale=scale, interpret=interpret)
+  if _native(module, qq.precision):
+    return module.quantized_map_from_lse(qq, lse, table, block_size=block_size,
+                                         threshold=threshold, sm_scale=scale)
+  qd, kd, _ = quantize.dequantize(qq)
+  return module.sparsity_map_from_lse(
+      qd, kd, lse, table, block_size=block_size, threshold=threshold,
       sm_scale=scale, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "threshold", "sm_scale", "implementation", "interpret"))
+    "block_size", "threshold", "sm_scale", "implementation", "interpret", "precision"))
 def block_sparse_attention_with_map(
     q: jax.Array, k: jax.Array, v: jax.Array, block_mask: MaskLike, *,
     block_size: int = 128, threshold: float = 1e-4,
     sm_scale: Optional[float] = None, implementation: Optional[str] = None,
-    interpret: bool = False):
+    interpret: bool = False, precision: str = "bf16"):
   """Block-sparse attention plus the sparsity map of the same blocks.
 
   One flash pass (which also yields the row log-sum-exp) and one QK-only map
   pass over the same table. Arguments as in `block_sparse_attention`;
   `threshold` is the probability below which an entry counts as negligible.
+  With a quantized `precision`, the map counts the same quantized scores the
+  flash pass exponentiated (Q and K quantized once for both passes).
 
   Returns:
     (out [B, S, H, D] in q.dtype, S float32 [B, H, n, n]); with block_mask
     given, S is NaN on inactive blocks (see the map backends).
   """
-  _validate_qkv(q, k, v, block_size=block_size, implementation=implementation)
-  out, lse, table, impl, scale = _fwd(
+  _validate_qkv(q, k, v, block_size=block_size, implementation=implementation,
+                precision=precision)
+  out, lse, table, impl, scale, qq = _fwd(
       q, k, v, block_mask, block_size=block_size, sm_scale=sm_scale,
-      implementation=implementation, interpret=interpret)
+      implementation=implementation, interpret=interpret, precision=precision)
   b, _, h, _ = q.shape
   if table is not None:
     table = table.broadcast_to((b, h))
   smap = _map(q, k, lse, table, impl=impl, block_size=block_size,
-              threshold=threshold, scale=scale, interpret=interpret)
+              threshold=threshold, scale=scale, interpret=interpret, qq=qq)
   return out, smap
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "threshold", "sm_scale", "implementation", "interpret"))
+    "block_size", "threshold", "sm_scale", "implementation", "interpret", "precision"))
 def sparsity_map(q: jax.Array, k: jax.Array, *, block_size: int = 128,
                  threshold: float = 1e-4, block_mask: MaskLike = None,
                  sm_scale: Optional[float] = None,
                  implementation: Optional[str] = None,
-                 interpret: bool = False) -> jax.Array:
+                 interpret: bool = False, precision: str = "bf16") -> jax.Array:
   """The MOD-DiT sparsity map S [B, H, n, n] (float32).
 
   S[i, j] = fraction of the valid (query, key) pairs of block (i, j) whose
   softmax probability is below `threshold`, with the softmax over the row's
   active blocks (all blocks when block_mask is None). Runs an lse-only flash
-  pass (no V) and then the map pass; inactive blocks are NaN.
+  pass (no V) and then the map pass; inactive blocks are NaN. `precision` as
+  in `block_sparse_attention` (both passes on the same quantized scores).
   """
   _validate_qkv(q, k, None, block_size=block_size, implementation=implementation,
-                need_v=False)
+                need_v=False, precision=precision)
   b, s, h, _ = q.shape
   n = -(-s // block_size)
   impl, scale = _resolve(q, implementation, sm_scale, block_size)
   table = _to_table(block_mask, b, h, n, broadcast=False)
-  lse = _attention_module(impl).block_sparse_lse(
-      q, k, table, block_size=block_size, sm_scale=scale, interpret=interpret)
+  module = _attention_module(impl)
+  qq = None
+  if precision == "bf16":
+    lse = module.block_sparse_lse(
+        q, k, table, block_size=block_size, sm_scale=scale, interpret=interpret)
+  else:
+    qq = quantize.quantize_qkv(q, k, None, precision=precision)
+    if _native(module, precision):
+      lse = module.quantized_lse(qq, table, block_size=block_size, sm_scale=scale)
+    else:
+      qd, kd, _ = quantize.dequantize(qq)
+      lse = module.block_sparse_lse(
+          qd, kd, table, block_size=block_size, sm_scale=scale, interpret=interpret)
   if table is not None:
     table = table.broadcast_to((b, h))
   return _map(q, k, lse, table, impl=impl, block_size=block_size,
-              threshold=threshold, scale=scale, interpret=interpret)
+              threshold=threshold, scale=scale, interpret=interpret, qq=qq)

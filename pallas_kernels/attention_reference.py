@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ def _expand_mask(block_mask, batch, heads, n):
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("block_size", "sm_scale", "return_lse", "query_chunk"))
+                   static_argnames=("block_size", "sm_scale", "return_lse", "query_chunk",
+                                    "p_round"))
 def block_sparse_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -38,6 +39,7 @@ def block_sparse_attention_reference(
     sm_scale: Optional[float] = None,
     return_lse: bool = False,
     query_chunk: Optional[int] = None,
+    p_round: Optional[Callable] = None,
 ):
   """Block-masked softmax attention computed in float32 (HIGHEST precision).
 
@@ -50,6 +52,9 @@ def block_sparse_attention_reference(
     return_lse: also return the row log-sum-exp.
     query_chunk: process this many query tokens at a time (a multiple of
       block_size) to bound memory; None does all at once.
+    p_round: optional static function applied to the probabilities
+      exp(s - max) before the P V product (the row sum stays exact): the
+      quantized reference's model of the kernels' P rounding.
   Returns:
     out float32 [B, S, H, D] (zeros for rows with no active key), and with
     return_lse the natural-log lse float32 [B, H, S] (-inf for empty rows).
@@ -73,7 +78,8 @@ def block_sparse_attention_reference(
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(logits - m_safe)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(l > 0, l, 1.0), v32,
+    pv = p if p_round is None else p_round(p)
+    out = jnp.einsum("bhqk,bkhd->bqhd", pv / jnp.where(l > 0, l, 1.0), v32,
                      precision=jax.lax.Precision.HIGHEST)
     lse = jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m_safe[..., 0], -jnp.inf)
     return out, lse

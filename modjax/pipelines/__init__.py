@@ -1,5 +1,6 @@
 """From inputs people have (a label, a prompt, a checkpoint folder) to videos."""
 
 from modjax.pipelines.demo import LoadedModel, ModelDefaults, load_model
+from modjax.pipelines.wan import WanOutput, WanPipeline
 
-__all__ = ["LoadedModel", "ModelDefaults", "load_model"]
+__all__ = ["LoadedModel", "ModelDefaults", "WanOutput", "WanPipeline", "load_model"]

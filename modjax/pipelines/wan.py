@@ -55,12 +55,15 @@ def recommended_flow_shift(height: int, width: int) -> float:
 @dataclasses.dataclass(frozen=True)
 class WanOutput:
   """frames: uint8 [F, H, W, 3] for one prompt ([B, F, H, W, 3] for a list);
-  latents: float32 [B, 16, T, H/8, W/8] before the VAE; timings: seconds by stage."""
+  latents: float32 [B, 16, T, H/8, W/8] before the VAE; timings: seconds by stage;
+  sampling: the denoising scan's `SampleOutput` (per-step density and kinds, the final
+  attention-policy state, e.g. MOD-DiT's masks, for `modjax.plotting`)."""
   frames: np.ndarray
   latents: np.ndarray
   sparsity: float
   flow_shift: float
   timings: dict
+  sampling: sampler_lib.SampleOutput
 
 
 def _check_index(folder: Path) -> dict:
@@ -344,4 +347,4 @@ class WanPipeline:
     if isinstance(prompt, str):
       frames = frames[0]
     return WanOutput(frames=frames, latents=np.asarray(z), sparsity=sparsity,
-                     flow_shift=float(flow_shift), timings=timings)
+                     flow_shift=float(flow_shift), timings=timings, sampling=out)

@@ -54,19 +54,32 @@ def diffusers_pipeline(seed: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def _built(root: str, seed: int) -> Path:
+def _built(root: str, seed: int):
   folder = Path(root) / f"tiny-wan-{seed}"
-  if (folder / "model_index.json").exists():
-    return folder
   transformer, vae, text_encoder, scheduler, transformers, WanPipeline = diffusers_pipeline(seed)
   tokenizer_dir = oracles.t5_tokenizer_folder(Path(root) / f"tokenizer-{seed}")
   tokenizer = transformers.T5TokenizerFast.from_pretrained(str(tokenizer_dir))
   pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                      vae=vae, scheduler=scheduler)
   pipe.save_pretrained(str(folder))
-  return folder
+  # The layout of the big checkpoints (Wan2.1-14B, UMT5-XXL): every component in shards
+  # listed by an index json.
+  pipe.save_pretrained(str(Path(root) / f"tiny-wan-{seed}-sharded"), max_shard_size="40KB")
+  return folder, pipe
+
+
+def tiny_wan_sharded_folder(root, seed: int = 0) -> Path:
+  """The same weights as `tiny_wan_folder`, every component saved in shards."""
+  _built(str(root), seed)
+  return Path(root) / f"tiny-wan-{seed}-sharded"
 
 
 def tiny_wan_folder(root, seed: int = 0) -> Path:
   """Writes (once per root and seed) and returns the folder."""
-  return _built(str(root), seed)
+  return _built(str(root), seed)[0]
+
+
+def tiny_wan_diffusers(root, seed: int = 0):
+  """The diffusers WanPipeline object that wrote `tiny_wan_folder(root, seed)` (its
+  from_pretrained would need accelerate for the transformer's float32 modules)."""
+  return _built(str(root), seed)[1]

@@ -256,3 +256,23 @@ def test_own_checkpoint_errors(tmp_path, params):
     wan.save_params(CFG, params, tmp_path / "demo.npz")
   with pytest.raises(FileNotFoundError, match="absent.safetensors"):
     wan.load_params(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("preset", ["wan2_1_1_3b", "wan2_1_14b"])
+def test_full_size_mapping_matches_diffusers_on_the_meta_device(preset):
+  """Every tensor name and shape our converter expects for the real Wan2.1-1.3B / 14B
+  transformer equals the state dict of diffusers' model built on torch's meta device
+  (no weights allocated on either side)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  config = getattr(WanConfig, preset)(scan_layers=False)
+  with torch.device("meta"):
+    model = diffusers.WanTransformer3DModel(**config.to_diffusers_config())
+  theirs = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+  ours = {loading._diffusers_name(path): loading._diffusers_shape(path, leaf.shape, config)
+          for path, leaf in loading._loop_layout_shapes(config).items()}
+  ignored = {n for n in theirs if any(i in n for i in loading._IGNORED_UNEXPECTED)}
+  assert set(ours) == set(theirs) - ignored
+  assert {n: theirs[n] for n in ours} == ours
+  params = sum(np.prod(s) for s in ours.values())
+  assert (params / 1e9) == pytest.approx({"wan2_1_1_3b": 1.42, "wan2_1_14b": 14.3}[preset], rel=0.03)
