@@ -25,14 +25,15 @@ is no engine here):
     [B, S, H/P, D]: each device holds whole sequences of H/P heads, runs the
     block-sparse kernel (and the sparsity-map pass) on them with its own
     heads' block masks / tables, and one all-to-all sends the output back to
-    [B, S/P, H, D]. Four all-to-alls per layer, each moving (P-1)/P of one
-    [B, S, dim] tensor per device.
+    [B, S/P, H, D]. Four all-to-alls per layer, each sending (P-1)/P of the
+    device's [B/cfg, S/P, dim] slice.
   * Cross-attention (`Parallel.cross_attention`): local, queries sharded by
     sequence, the text keys/values whole on every device of the row shard.
   * Weights are replicated (`shard_weights=False`), or FSDP-style
     (`shard_weights=True`): every weight of at least `fsdp_min_bytes` is split
-    over all devices along its largest divisible dim and GSPMD gathers it
-    where it is used.
+    over all devices along the contracting dim of its [..., in, out] kernel
+    (`Parallel.param_spec`), and GSPMD all-gathers one layer's weight inside the
+    layer scan where it meets the sequence-sharded activations.
   * Classifier-free guidance with cfg=2 combines the two halves of the
     velocity once per step (the latents and the scheduler state are
     replicated; they are small).
@@ -50,32 +51,37 @@ MOD state. Every leaf of the attention policy's state (MODState,
 FixedMaskState: prev_map, features, block-diagonal mode, mask, table) has
 leading dims [L, B, H] and is sharded P(None, "cfg", "seq") (`state_specs`):
 the device that computes a head's attention holds that head's state. The
-policy's update runs inside a shard_map on those local slices, so it cannot
-communicate; the policies are per (layer, row, head) computations, so this is
-the one-device update on fewer heads.
+policy's init and update run inside shard_maps on those local slices, so they
+cannot communicate; the policies are per (layer, row, head) computations, so
+this is the one-device policy on fewer heads (a policy that mixed heads or
+rows would have to say so here).
 
 Head balancing. Heads have different densities and the device with the
 densest heads sets the pace of every layer. With balancing (MOD only, P > 1)
 the state carries a head order [L, B, H]: slot j of the state's head axis
 holds head order[j], and slot j lives on device j // (H/P) of its row shard.
 The attention gathers q, k, v heads into slot order before the first
-all-to-all and scatters the output back to head order after the last one;
-both are local (every device holds all heads of its tokens there), so the
-permutation costs two local copies per layer, no communication.
+all-to-all and the output back to head order after the last one; both are
+local (every device holds all heads of its tokens there): four local gathers
+of the device's [B/cfg, S/P, H, D] per layer (memory traffic, no
+communication; none on dense steps, where the order does not matter).
 
 When the order changes, the state would have to follow it across devices. It
 changes once: the order is chosen from the first mask (after the first of the
 two map steps; `balanced_order`, a greedy longest-first assignment of heads to
 the least loaded device with a free slot, from per-head active-block counts
 summed over the rows of each cfg shard, per layer, kept only where it lowers
-that layer's slowest device) and adopted at the second map step. That step's attention already runs in the new order, and its update
-rebuilds every state leaf from that step's own sparsity map, except the fitted
-features of the previous map step (3n floats per layer, row and head), the
-only history a map step reads. So the one time MOD state crosses devices is
-those features, once per run (XLA drops the re-layout of every leaf the map
-update does not read); after that the state is never communicated. The
-order stays fixed after the warm-up (refreshes move the masks a little; the
-benchmark reports the imbalance at the end). `SampleOutput.state` is the state
+that layer's slowest device) and adopted at the second map step. That step's
+attention already runs in the new order, and its update rebuilds every state
+leaf from that step's own sparsity map, except the fitted features of the
+previous map step (3n floats per layer, row and head), the only history a map
+step reads. So the only MOD state that ever crosses devices is those
+features, at the map steps (XLA drops the re-layout of every leaf the map
+update does not read; at the first map step it is the identity); after the
+warm-up the state is never communicated. The order stays fixed after the
+warm-up, chosen one step before the mask the sparse steps start from, and
+refreshes move the masks; the benchmark reports the imbalance of the final
+mask in natural and balanced layouts. `SampleOutput.state` is the state
 as it lies on the mesh, in slot order, with `SampleOutput.head_order`;
 `to_natural_order` re-lays it for inspection (that one gathers it).
 `imbalance` / `head_imbalance` measure max/mean per-device work.
