@@ -162,8 +162,8 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
   """A pure function (params, context, neg_context, key, noise=None) -> SampleOutput.
 
   family: a `models.family.Family` (e.g. `models.wan.WanFamily(config)`).
-  context, neg_context: [B, L, text_dim] (neg_context is ignored without
-  guidance). noise: optional initial latents float32 [B, C, F, H, W] (else a
+  context, neg_context: [B, L, text_dim], or pytrees of arrays with the batch leading
+  (neg_context is ignored without guidance). noise: optional initial latents float32 [B, C, F, H, W] (else a
   unit Gaussian drawn from key). callbacks: host functions fn(step, num_steps) called after each
   step (progress bars, step timers). Not jitted: `Sampler` jits it; tests wrap
   it to count traces. loop="python" runs the same step body in a Python loop,
@@ -182,11 +182,14 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
   scheduler = settings.make_scheduler()
 
   def run(params, context, neg_context, key, noise=None):
-    batch = context.shape[0]
+    # A context is an array [B, L, D] or a pytree of them (e.g. HunyuanVideo's text
+    # states, pooled projection and guidance): batch rows lead every leaf.
+    batch = jax.tree.leaves(context)[0].shape[0]
     rows = 2 * batch if settings.uses_guidance else batch
     policy = policies.make_policy(settings.attention, geometry(family, settings, rows))
     policy = sharding_lib.MeshPolicy(policy, par, policy.step_kinds(settings.num_inference_steps))
-    ctx = jnp.concatenate([context, neg_context], axis=0) if settings.uses_guidance else context
+    ctx = (jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), context, neg_context)
+           if settings.uses_guidance else context)
     ctx = par.constrain(ctx, sharding_lib.ROWS)
     params = par.params_constraint(params)
     shape = (batch, family.latent_channels, settings.frames, settings.height, settings.width)
@@ -199,7 +202,10 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
     latents = par.constrain(latents, sharding_lib.REPLICATED)
     xs, used, kinds = _step_inputs(settings, policy, scheduler)
     step = make_step(family, settings, policy, scheduler, used, params, ctx, callbacks, par)
-    carry = (latents, policy.init(), scheduler.init(latents))
+    # Stochastic schedulers (CogVideoX's DPM) draw their step noise from the run's key.
+    sched_state = (scheduler.init(latents, jax.random.fold_in(key, 1))
+                   if getattr(scheduler, "stochastic", False) else scheduler.init(latents))
+    carry = (latents, policy.init(), sched_state)
     if loop == "scan":
       carry, (density, recall) = jax.lax.scan(step, carry, jax.tree.map(jnp.asarray, xs))
     else:

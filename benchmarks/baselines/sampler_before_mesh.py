@@ -1,4 +1,4 @@
-"""modjax/sampler.py as of commit 1836cbf, before the mesh (issue #15): the one-device baseline
+"""modjax/sampler.py as of main 9d4f106, before the mesh (issue #15): the one-device baseline
 that benchmarks/scaling.py --baseline times side by side with the mesh of size 1. A verbatim
 copy apart from this header; delete it once the overhead is measured."""
 
@@ -145,8 +145,8 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
   """A pure function (params, context, neg_context, key, noise=None) -> SampleOutput.
 
   family: a `models.family.Family` (e.g. `models.wan.WanFamily(config)`).
-  context, neg_context: [B, L, text_dim] (neg_context is ignored without
-  guidance). noise: optional initial latents float32 [B, C, F, H, W] (else a
+  context, neg_context: [B, L, text_dim], or pytrees of arrays with the batch leading
+  (neg_context is ignored without guidance). noise: optional initial latents float32 [B, C, F, H, W] (else a
   unit Gaussian drawn from key). callbacks: host functions fn(step, num_steps) called after each
   step (progress bars, step timers). Not jitted: `Sampler` jits it; tests wrap
   it to count traces. loop="python" runs the same step body in a Python loop,
@@ -160,10 +160,13 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
   scheduler = settings.make_scheduler()
 
   def run(params, context, neg_context, key, noise=None):
-    batch = context.shape[0]
+    # A context is an array [B, L, D] or a pytree of them (e.g. HunyuanVideo's text
+    # states, pooled projection and guidance): batch rows lead every leaf.
+    batch = jax.tree.leaves(context)[0].shape[0]
     rows = 2 * batch if settings.uses_guidance else batch
     policy = policies.make_policy(settings.attention, geometry(family, settings, rows))
-    ctx = jnp.concatenate([context, neg_context], axis=0) if settings.uses_guidance else context
+    ctx = (jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), context, neg_context)
+           if settings.uses_guidance else context)
     shape = (batch, family.latent_channels, settings.frames, settings.height, settings.width)
     if noise is None:
       latents = jax.random.normal(key, shape, jnp.float32)
@@ -173,7 +176,10 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
       latents = noise.astype(jnp.float32)
     xs, used, kinds = _step_inputs(settings, policy, scheduler)
     step = make_step(family, settings, policy, scheduler, used, params, ctx, callbacks)
-    carry = (latents, policy.init(), scheduler.init(latents))
+    # Stochastic schedulers (CogVideoX's DPM) draw their step noise from the run's key.
+    sched_state = (scheduler.init(latents, jax.random.fold_in(key, 1))
+                   if getattr(scheduler, "stochastic", False) else scheduler.init(latents))
+    carry = (latents, policy.init(), sched_state)
     if loop == "scan":
       carry, (density, recall) = jax.lax.scan(step, carry, jax.tree.map(jnp.asarray, xs))
     else:
@@ -234,12 +240,18 @@ def check_schedule(family, settings: SamplerSettings) -> None:
   kinds = policy.step_kinds(steps)
   if not _runs_sparse(kinds, attention):
     what = type(attention).__name__
-    extra = (f", interval={attention.interval}, refresh={attention.refresh!r}"
-             if isinstance(attention, cfg_lib.MODConfig) else "")
+    fixes = ["more steps", "a shorter warm-up"]
+    extra = ""
+    if isinstance(attention, cfg_lib.MODConfig):
+      extra = f", interval={attention.interval}, refresh={attention.refresh!r}"
+      if attention.warmup_steps < steps:
+        fixes.append("a longer interval")
+        if attention.refresh == "dense":
+          fixes.append("refresh='sparse'")
     raise ValueError(
         f"{what}(warmup_steps={attention.warmup_steps}{extra}) with num_inference_steps="
         f"{steps} never runs a sparse step (every step is dense, a map step or a dense "
-        f"refresh); use more steps, a shorter warm-up, a longer interval or refresh='sparse'")
+        f"refresh); use {', '.join(fixes[:-1])} or {fixes[-1]}")
   if isinstance(policy, policies.MODPolicy):
     from modjax import predict
     n = policy.geom.num_blocks
