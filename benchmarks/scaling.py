@@ -93,26 +93,29 @@ def time_all_to_all(par, rows: int, seq_len: int, heads: int, head_dim: int, dty
           "out_ms": timing.median_ms(back, y, reps=reps)}
 
 
-def run_sampler(make_sampler, settings, params, context, neg, *, place):
-  """compile_s, total_s, per_step_ms_by_kind and the output of one whole run."""
+def prepare(make_sampler, settings, params, context, neg, *, place):
+  """A compiled sampler, its placed arguments, its step timer and compile seconds."""
   timer = callbacks.StepTimer()
   sampler = make_sampler(settings, (timer,))
-  key = jax.random.key(0)
-  args = place(sampler, (params, context, neg, key))
+  args = place(sampler, (params, context, neg, jax.random.key(0)))
   t0 = time.perf_counter()
   compiled = sampler.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
+  return dict(compiled=compiled, args=args, timer=timer, compile_s=time.perf_counter() - t0)
+
+
+def execute(prepared):
+  """total_s, per_step_ms_by_kind and the output of one whole run."""
   t0 = time.perf_counter()
-  out = compiled(*args)
+  out = prepared["compiled"](*prepared["args"])
   jax.block_until_ready(out.latents)
   jax.effects_barrier()
   total = time.perf_counter() - t0
-  stamps = np.asarray(timer.times)
+  stamps = np.asarray(prepared["timer"].times)
   per_step = np.diff(np.concatenate([[t0], stamps])) * 1e3
   kinds = np.asarray(out.step_kinds)
   by_kind = ({StepKind(k).name.lower(): float(np.median(per_step[kinds == k]))
               for k in np.unique(kinds)} if len(per_step) == len(kinds) else {})
-  return dict(compile_s=compile_s, total_s=total, per_step_ms_by_kind=by_kind,
+  return dict(compile_s=prepared["compile_s"], total_s=total, per_step_ms_by_kind=by_kind,
               per_step_ms=float(np.median(per_step)) if len(per_step) else None), out
 
 
@@ -201,18 +204,20 @@ def main():
             if video is not None:
               row.update(frames=video[0], height=video[1], width=video[2])
             try:
+              mine = prepare(
+                  lambda st, cb: sampler_lib.Sampler(family, st, callbacks=cb, mesh=par),
+                  sampler_lib.SamplerSettings(**settings_kw), placed_params, context, neg,
+                  place=lambda smp, a: smp.place(*a))
+              before = None
+              if baseline is not None and devices == 1:
+                before = prepare(lambda st, cb: baseline.Sampler(family, st, callbacks=cb),
+                                 baseline.SamplerSettings(**settings_kw), params, context, neg,
+                                 place=lambda smp, a: a)
               runs = []
-              for _ in range(args.repeats):
-                if baseline is not None and devices == 1:
-                  base, _ = run_sampler(
-                      lambda st, cb: baseline.Sampler(family, st, callbacks=cb),
-                      baseline.SamplerSettings(**settings_kw), params, context, neg,
-                      place=lambda s, a: a)
-                  row.setdefault("baseline_runs", []).append(base)
-                r, out = run_sampler(
-                    lambda st, cb: sampler_lib.Sampler(family, st, callbacks=cb, mesh=par),
-                    sampler_lib.SamplerSettings(**settings_kw), placed_params, context, neg,
-                    place=lambda s, a: s.place(*a))
+              for _ in range(args.repeats):   # alternating, so drift hits both alike
+                if before is not None:
+                  row.setdefault("baseline_runs", []).append(execute(before)[0])
+                r, out = execute(mine)
                 runs.append(r)
               best = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
               row.update(best, sparsity=sampler_lib.sparsity(out),

@@ -177,7 +177,7 @@ def sample_fn(family, settings: SamplerSettings, *, loop: str = "scan",
   check_schedule(family, settings)
   par = sharding_lib.resolve(mesh)
   layout = family.attention_layout(settings.frames, settings.height, settings.width)
-  par.check(heads=layout.num_heads, rows=par.cfg, what=f"{family.name} ({layout.num_heads} heads)")
+  par.check(heads=layout.num_heads, what=f"{family.name} ({layout.num_heads} heads)")
 
   scheduler = settings.make_scheduler()
 

@@ -110,9 +110,10 @@ STATE = P(None, CFG, SEQ)     # [L, B, H, ...] attention-policy state
 REPLICATED = P()
 
 __all__ = [
-    "CFG", "SEQ", "Parallel", "make_mesh", "resolve", "shard_map", "allowed_degrees",
-    "balanced_order", "device_work", "imbalance", "head_imbalance", "state_specs",
-    "MeshPolicy", "BalancedState",
+    "CFG", "SEQ", "TOKENS", "ROWS", "HEADS", "STATE", "REPLICATED", "Parallel", "make_mesh",
+    "resolve", "shard_map", "allowed_degrees", "balanced_order", "device_work", "imbalance",
+    "head_counts", "head_imbalance", "state_specs", "to_natural_order", "MeshPolicy",
+    "BalancedState",
 ]
 
 
@@ -256,13 +257,13 @@ class Parallel:
   def constrain(self, x, spec: P):
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self.sharding(spec)), x)
 
-  def check(self, *, heads: int, rows: int, what: str = "the model") -> None:
-    """ValueError when the mesh cannot split this attention problem."""
+  def check(self, *, heads: int, rows: Optional[int] = None, what: str = "the model") -> None:
+    """ValueError when the mesh cannot split this attention problem (rows None: heads only)."""
     if heads % self.seq:
       raise ValueError(
           f"sequence degree {self.seq} does not divide the {heads} heads of {what}; allowed "
           f"sequence degrees: {allowed_degrees(heads)}")
-    if rows % self.cfg:
+    if rows is not None and rows % self.cfg:
       raise ValueError(
           f"cfg degree {self.cfg} does not divide the {rows} rows of the model batch (cfg=2 "
           f"needs classifier-free guidance, guidance_scale > 1, or an even batch)")
@@ -337,15 +338,18 @@ class Parallel:
 
   def param_spec(self, leaf) -> P:
     """Replicated, or with shard_weights (weights of >= fsdp_min_bytes) split over
-    every device along the contracting dim of a [..., in, out] kernel (else its
-    last dim) when the mesh size divides it: GSPMD then gathers the weight where
-    a sequence-sharded activation meets it."""
+    every device when the mesh size divides the dim: a layer-stacked [L, ..., in,
+    out] kernel along `in` (else `out`), a 2-D weight along its larger dim (never
+    a leading layer axis of a stacked bias). GSPMD then gathers one layer's
+    weight where a sequence-sharded activation meets it."""
     shape = tuple(getattr(leaf, "shape", ()))
     nbytes = math.prod(shape) * jnp.dtype(leaf.dtype).itemsize if shape else 0
     if not self.shard_weights or self.size == 1 or nbytes < self.fsdp_min_bytes:
       return REPLICATED
-    for dim in (len(shape) - 2, len(shape) - 1):
-      if dim >= 0 and shape[dim] % self.size == 0:
+    ndim = len(shape)
+    dims = (ndim - 2, ndim - 1) if ndim >= 3 else sorted(range(ndim), key=lambda d: -shape[d])
+    for dim in dims:
+      if shape[dim] % self.size == 0:
         spec = [None] * len(shape)
         spec[dim] = AXES
         return P(*spec)
