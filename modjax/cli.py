@@ -271,8 +271,6 @@ def sample_demo(args) -> int:
 
 def sample_wan(args) -> int:
   """--checkpoint FOLDER --prompt: the Wan2.1 pipeline, prompt to video."""
-  import jax
-
   from modjax import callbacks
   from modjax.pipelines import wan as wan_pipeline
 

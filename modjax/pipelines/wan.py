@@ -338,6 +338,7 @@ class WanPipeline:
     say(f"denoised in {timings['denoise']:.1f} s (sparsity {sparsity:.1%})")
 
     t0 = time.perf_counter()
+    z = jax.device_put(z, jax.devices()[0])  # off the mesh: the VAE runs on one device
     video = self._decode(self.vae_params, vae_lib.denormalize_latents(self.vae_config, z))
     video = np.asarray(jax.block_until_ready(video))
     timings["vae_decode"] = time.perf_counter() - t0

@@ -132,6 +132,14 @@ def test_the_mesh_of_size_one_compiles_to_the_program_before_the_mesh(cases):
     assert case[mode]["same"], case
 
 
+def test_wan_pipeline_on_a_mesh(cases):
+  """mesh= at from_pretrained (params placed once) and per call: the frames of one device."""
+  case = _ok(cases, "wan_pipeline_cfg2_seq2")
+  assert case["params_on_mesh"]
+  for how in ("at_load", "per_call"):
+    assert case[how]["latents"] <= TOL and case[how]["frames"] <= 1, case  # uint8 rounding
+
+
 def test_fsdp_weights_give_the_same_video(cases):
   case = _ok(cases, "dense_fsdp_cfg2_seq2")
   assert case["err"] <= TOL
