@@ -29,10 +29,15 @@ SCHEDULER_CONFIG = {"_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012,
 STEPS, GUIDANCE, LATENT = 4, 6.0, (1, 4, 3, 6, 10)
 
 
+RUN_KEY = jax.random.key(1)
+# The DPM step-noise key modjax's Sampler derives from its run key.
+NOISE_KEY = jax.random.fold_in(RUN_KEY, 1)
+
+
 @pytest.fixture(scope="module")
 def loop_reference(tmp_path_factory):
   """diffusers' CogVideoXPipeline denoising loop (DPM, CFG 6, the [negative; prompt]
-  batch) on a seeded tiny transformer, with our DPM noise normal(fold_in(key(0), i))."""
+  batch) on a seeded tiny transformer, with our DPM noise normal(fold_in(NOISE_KEY, i))."""
   folder = tmp_path_factory.mktemp("cogvideox")
   reference = seeded_diffusers_model(use_rotary_positional_embeddings=True)
   reference.save_pretrained(folder)
@@ -40,7 +45,7 @@ def loop_reference(tmp_path_factory):
   x = rng.standard_normal(LATENT).astype(np.float32)
   prompt = rng.standard_normal((1, 5, 20)).astype(np.float32)
   negative = rng.standard_normal((1, 5, 20)).astype(np.float32)
-  key = jax.random.key(0)
+  key = NOISE_KEY
   noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), LATENT))
                     for i in range(STEPS)])
 
@@ -85,7 +90,7 @@ def test_denoising_loop_matches_diffusers(loop_reference, record_property):
       uncond, text = jnp.split(out.astype(jnp.float32), 2)
       lat, sc = sched.step(sc, lat, uncond + GUIDANCE * (text - uncond), xs)
       return (lat, sc), None
-    return jax.lax.scan(body, (x, sched.init(x, jax.random.key(0))), xs)[0][0]
+    return jax.lax.scan(body, (x, sched.init(x, NOISE_KEY)), xs)[0][0]
 
   got = ours(ref["params"], ref["x"], ref["prompt"], ref["negative"],
              jax.tree.map(jnp.asarray, sched.step_inputs()))
@@ -98,7 +103,7 @@ def mock_randn(fn):
 
 
 def test_modjax_sampler_matches_diffusers(loop_reference, monkeypatch, record_property):
-  """modjax's Sampler (dense attention, CFG, its default DPM noise key) driving
+  """modjax's Sampler (dense attention, CFG, the DPM noise key it derives from the run key) driving
   CogVideoXFamily vs diffusers' loop. While modjax's policies refuse joint text+video
   layouts, the dense policy is handed the layout as if all video (it reads num_layers)."""
   import dataclasses
@@ -120,7 +125,7 @@ def test_modjax_sampler_matches_diffusers(loop_reference, monkeypatch, record_pr
                                          num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                                          scheduler=sched)
   out = sampler_lib.Sampler(family, settings)(ref["params"], jnp.asarray(ref["prompt"]),
-                                              jnp.asarray(ref["negative"]), jax.random.key(1),
+                                              jnp.asarray(ref["negative"]), RUN_KEY,
                                               jnp.asarray(ref["x"]))
   _report("modjax Sampler, DPM + CFG", out.latents, ref["expected"], record_property)
 
