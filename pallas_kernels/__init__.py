@@ -6,6 +6,7 @@ Public API:
   block_sparse_attention_with_map(q, k, v, block_mask, *, block_size=128,
                                   threshold=1e-4, ...) -> (out, S)
   sparsity_map(q, k, *, block_size=128, threshold=1e-4, block_mask=None, ...) -> S
+  block_mass_map(q, k, *, block_size=128, block_mask=None, ...) -> M (softmax mass per block)
   BlockTable, compact_block_mask, block_mask_from_table: the compacted mask.
   block_sparse_attention_reference: dense float32 oracle.
   IMPLEMENTATIONS: backend names accepted by `implementation=`.
@@ -13,6 +14,7 @@ Public API:
 
 from pallas_kernels.api import (
     IMPLEMENTATIONS,
+    block_mass_map,
     block_sparse_attention,
     block_sparse_attention_with_map,
     default_implementation,
@@ -30,6 +32,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "BlockTable",
     "block_mask_from_table",
+    "block_mass_map",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "block_sparse_attention_with_map",
