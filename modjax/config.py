@@ -158,20 +158,21 @@ def StaticWindowConfig(**kwargs) -> StaticMaskConfig:  # noqa: N802 (reads as a 
 
 @dataclasses.dataclass(frozen=True)
 class OracleConfig:
-  """Upper bound: each step, each layer keeps the blocks with the lowest exact
-  sparsity S of that very step (measured by a dense map pass), at `density`."""
+  """Upper bound: at every step after the warm-up, each query-block row of each
+  head and layer keeps the key blocks holding the most softmax mass of that very
+  step (measured by a dense mass-map pass: lse, then a QK replay that sums
+  exp(s - lse) per block), `density` x n blocks per row (the diagonal block is
+  always one of them)."""
   density: float = 0.2
   block_size: int = 128
   warmup_steps: int = 12
-  threshold: float = 1e-4
   dense_layers: int = 0
   implementation: Optional[str] = None
   dense_implementation: Optional[str] = None
 
   def __post_init__(self):
-    _check_common(self)
+    _check_common(self, min_warmup=0)
     _check(0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density!r}")
-    _check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold!r}")
 
 
 AttentionConfig = Union[DenseConfig, MODConfig, StaticMaskConfig, OracleConfig]

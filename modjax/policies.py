@@ -244,12 +244,13 @@ class StaticMaskPolicy(_SparsePolicy):
 
 
 class OraclePolicy(_SparsePolicy):
-  """Dense warm-up, then each layer keeps the lowest-S blocks of that very step."""
+  """Dense warm-up, then every query-block row keeps the key blocks with the most
+  softmax mass of that very step (`masks.mass_oracle_mask`), the same number of
+  blocks in every row; layers below dense_layers run dense."""
 
   def __init__(self, config: cfg_lib.OracleConfig, geom: Geometry):
     self.config, self.geom = config, geom
-    n = geom.num_blocks
-    self.keep = max(int(round(config.density * n * n)), n)
+    self.keep = masks_lib.resolve_row_count(config.density, geom.num_blocks)
 
   def step_kinds(self, num_steps: int) -> np.ndarray:
     return warmup_step_kinds(num_steps, self.config.warmup_steps)
@@ -260,7 +261,12 @@ class OraclePolicy(_SparsePolicy):
   def control(self, state, kind: StepKind) -> AttentionControl:
     if kind == StepKind.DENSE:
       return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
-    return self._control("oracle", oracle_keep=self.keep)
+    forced = None
+    if self.config.dense_layers:  # blocks forced on: every block of the dense layers
+      g = self.geom
+      forced = jnp.broadcast_to(jnp.asarray(_layer_dense(g, self.config.dense_layers)),
+                                g.lead + (g.num_blocks, g.num_blocks))
+    return self._control("oracle", block_mask=forced, oracle_keep=self.keep)
 
   def update(self, state, stats, kind):
     return state
@@ -268,8 +274,8 @@ class OraclePolicy(_SparsePolicy):
   def density(self, state, kind):
     if kind == StepKind.DENSE:
       return jnp.ones((self.geom.num_layers,), jnp.float32)
-    n = self.geom.num_blocks
-    return jnp.full((self.geom.num_layers,), min(self.keep / (n * n), 1.0), jnp.float32)
+    dense = _layer_dense(self.geom, self.config.dense_layers).reshape(-1)
+    return jnp.asarray(np.where(dense, 1.0, self.keep / self.geom.num_blocks), jnp.float32)
 
 
 def make_policy(attention: cfg_lib.AttentionConfig, geom: Geometry):
