@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import api, map_reference
+from pallas_kernels import api, map_reference, map_tpu, map_triton
+from tests.pallas_kernels.lowering import lower
 from tests.pallas_kernels.test_sparsity_map import (ALL_BACKENDS, BACKENDS, INTERPRET,
-                                                    _runnable, local_lse, make_inputs,
-                                                    make_mask, make_table)
+                                                    LOWER_CASES, _abstract_args, _runnable,
+                                                    local_lse, make_inputs, make_mask,
+                                                    make_table)
 
 CASES = [
     # (B, S, H, D, block_size, mask kind, dtypes)
@@ -116,3 +118,17 @@ def test_bad_arguments():
     pallas_kernels.block_mass_map(q, k, implementation="cuda")
   with pytest.raises(ValueError, match="k.shape"):
     pallas_kernels.block_mass_map(q, k[:, :32])
+
+
+@pytest.mark.parametrize("seq_len,block,d,sparse", LOWER_CASES[:3])
+def test_triton_mass_kernel_lowers_for_cuda(seq_len, block, d, sparse):
+  q, lse, table = _abstract_args(seq_len, block, d, sparse)
+  fn = lambda q, k, lse, t: map_triton.block_mass_from_lse(q, k, lse, t, block_size=block)
+  assert "triton" in lower(fn, "cuda", q, q, lse, table)
+
+
+@pytest.mark.parametrize("seq_len,block,d,sparse", LOWER_CASES[:2])
+def test_tpu_mass_kernel_lowers_for_tpu(seq_len, block, d, sparse):
+  q, lse, table = _abstract_args(seq_len, block, d, sparse, heads=2)
+  fn = lambda q, k, lse, t: map_tpu.block_mass_from_lse(q, k, lse, t, block_size=block)
+  assert "tpu_custom_call" in lower(fn, "tpu", q, q, lse, table)
