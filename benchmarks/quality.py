@@ -378,8 +378,8 @@ def run_quality(model: pipelines.LoadedModel, setup: Setup, pairs, mod_runs, *,
                 deadline: Optional[float] = None,
                 on_update: Optional[Callable[..., None]] = None,
                 log: Callable[[str], None] = print) -> dict:
-  """The benchmark's core: dense reference, then each MOD run and its matched
-  baselines, then the mass oracle at the density of every method, then the paired
+  """The benchmark's core: dense reference, then each MOD run, its matched
+  baselines and the mass oracle at the density of each of them, then the paired
   comparisons and verdicts. Returns the result dict; `on_update(result, videos,
   final=False)` is called after every run and once more with final=True at the
   end (videos: {"dense": [P, C, F, H, W], method label: the first pair's video
@@ -453,20 +453,19 @@ def run_quality(model: pipelines.LoadedModel, setup: Setup, pairs, mod_runs, *,
     return row
 
   n = -(-layout.seq_len // mod_runs[0].block_size) if mod_runs else 0
-  for run in mod_runs:
+  for run in mod_runs:  # one group per MOD run, so a time limit drops whole groups
     row = measure(run.family, run.label, run.config(), run.fields())
     if row is None:
       continue
     row["run"] = dataclasses.asdict(run)
+    group = [row]
     if baselines:
       for family, method, attention, bfields in baselines_for(run, row["sparsity_post_warmup"]):
-        measure(family, method, attention, bfields)
-      if oracles:
-        measure(*oracle_for(row, n))
-  if oracles:  # the oracle at every other method's density too
-    for row in list(result["rows"]):
-      if row["family"] != "oracle":
-        measure(*oracle_for(row, n))
+        group.append(measure(family, method, attention, bfields))
+    if oracles:  # the mass oracle at the density of every method of the group
+      for r in group:
+        if r is not None:
+          measure(*oracle_for(r, n))
   result["comparisons"] = compare(result["rows"], n)
   result["verdicts"] = verdicts(result["rows"], result["comparisons"])
   result["complete"] = not result["skipped"] and not result["errors"]
