@@ -430,6 +430,8 @@ def _parser():
                  help="the rules to judge by (default: the export's data_version metadata, 1 if none)")
   p.add_argument("--pick-default", action="store_true",
                  help="write default_label/default_seed into the export's label-table metadata")
+  p.add_argument("--pick-seeds", type=int, default=8,
+                 help="CLI seeds tried per candidate label for the default (8)")
   p.add_argument("--quick", action="store_true",
                  help="CPU smoke: labels 0 and 25, 1 seed, 4 steps")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/demo-shapes-...)")
@@ -485,7 +487,8 @@ def main(argv=None) -> int:
                   modes=sweep(sampler, spec, labels, seeds, args.modes.split(","), batch=batch,
                               log=lambda s: print(s, flush=True)))
     if args.pick_default and {"dense", "mod"} <= set(result["modes"]):
-      picked = pick_default(sampler, spec, result["modes"], log=lambda s: print(s, flush=True))
+      picked = pick_default(sampler, spec, result["modes"], max_seed=args.pick_seeds,
+                            log=lambda s: print(s, flush=True))
       result["default"] = picked
       if picked is not None:
         demo_checkpoint.update_metadata(path, picked)
