@@ -14,6 +14,9 @@
 #       runs after 8 minutes; prints the two must-show verdicts last
 #
 # Everything lands in $OUT (the device tool's output folder; /tmp/retrain by default).
+# SHAPES_ARGS / TRAIN_ARGS add flags (a CPU smoke of this script:
+#   CALL_SECONDS=240 SHAPES_ARGS=--quick TRAIN_ARGS="--model tiny --batch-size 2 --frames 4
+#   --height 16 --width 16 --dtype float32" bash benchmarks/retrain_demo.sh train).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -29,17 +32,17 @@ date=$(date +%F)
 case "${1:-}" in
   train)
     # a failing judge must not cost the training: its steps are allowed to fail
-    python benchmarks/demo_shapes.py --model demo \
+    python benchmarks/demo_shapes.py --model demo ${SHAPES_ARGS:-} \
       --out "$OUT/demo-shapes-before-$card-$date.json" 2>&1 | tee "$OUT/shapes-before.log" \
       || echo "demo_shapes (before) failed" | tee -a "$OUT/shapes-before.log"
     # what is left, minus ~110 s for the after-sweep and the default pick
     left=$(( CALL_SECONDS - $(elapsed) - 110 ))
-    minutes=$(python -c "print(round(max($left, 120) / 60, 2))")
+    minutes=$(python -c "print(round(max($left, 60) / 60, 2))")
     echo "[$(elapsed) s] training for $minutes min" | tee -a "$OUT/train.log"
     python -m models.demo.train --out "$OUT/run" --minutes "$minutes" --fit-schedule \
-      --total-steps 100000 --checkpoint-every 100000 --eval-every 1000 --log-every 100 \
+      --total-steps 100000 --checkpoint-every 100000 --eval-every 1000 --log-every 100 ${TRAIN_ARGS:-} \
       2>&1 | tee -a "$OUT/train.log"
-    python benchmarks/demo_shapes.py --model "$OUT/run/demo.safetensors" --pick-default \
+    python benchmarks/demo_shapes.py --model "$OUT/run/demo.safetensors" --pick-default ${SHAPES_ARGS:-} \
       --out "$OUT/demo-shapes-after-$card-$date.json" 2>&1 | tee "$OUT/shapes-after.log" \
       || echo "demo_shapes (after) failed" | tee -a "$OUT/shapes-after.log"
     mkdir -p "$OUT/checkpoint"
