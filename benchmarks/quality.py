@@ -484,7 +484,6 @@ def compare(rows: list, n: int) -> list:
   every MOD run against its matched static window and warm-up reuse, every
   method against the mass oracle at its density, and reference vs ours at
   equal numbers."""
-  by_method = {r["method"]: r for r in rows}
   out = []
 
   def add(kind, a, b):
