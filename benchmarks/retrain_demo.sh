@@ -35,8 +35,8 @@ case "${1:-}" in
     python benchmarks/demo_shapes.py --model demo ${SHAPES_ARGS:-} \
       --out "$OUT/demo-shapes-before-$card-$date.json" 2>&1 | tee "$OUT/shapes-before.log" \
       || echo "demo_shapes (before) failed" | tee -a "$OUT/shapes-before.log"
-    # what is left, minus ~110 s for the after-sweep and the default pick
-    left=$(( CALL_SECONDS - $(elapsed) - 110 ))
+    # what is left, minus ~140 s for the after-sweep and the default pick (4 compiles)
+    left=$(( CALL_SECONDS - $(elapsed) - 140 ))
     minutes=$(python -c "print(round(max($left, 60) / 60, 2))")
     echo "[$(elapsed) s] training for $minutes min" | tee -a "$OUT/train.log"
     python -m models.demo.train --out "$OUT/run" --minutes "$minutes" --fit-schedule \
