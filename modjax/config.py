@@ -11,6 +11,11 @@ from typing import Optional, Union
 
 BLOCK_SIZES = (64, 128)
 REFRESH_MODES = ("dense", "sparse", "none")
+FIRST_MASKS = ("extrapolate", "last_map")
+HISTORY_DTYPES = ("float16", "bfloat16", "float32")
+# run_wan.sh of the authors (on top of `MODConfig.reference()`), with the layer-0-dense
+# default of their Wan utilities: `MODConfig.reference(**RUN_WAN_SH)`.
+RUN_WAN_SH = dict(top_k=80, warmup_steps=10, interval=15, dense_layers=1)
 SPARSE_IMPLEMENTATIONS = (None, "xla", "triton", "tpu", "mosaic_gpu")
 
 
@@ -48,6 +53,21 @@ class MODConfig:
   refresh: "dense" (reference: full attention + map at refresh steps),
     "sparse" (map measured on active blocks only), or "none" (the first mask
     is kept forever: the warm-up-reuse baseline).
+
+  Three choices where the authors' code (pkumelon/MOD-DiT) and the paper's text
+  differ (docs/fidelity.md); `MODConfig.reference()` sets all three their way:
+  first_mask: "extrapolate" (the paper: the first mask extrapolates the fits of
+    steps W-2 and W-1) or "last_map" (their code: the fit of step W-2 is zero,
+    so the first mask ranks the fit of step W-1 alone, X(W-1) (1 + 1/T); the
+    map of step W-2 is then never used, so that step runs plain dense).
+  history_dtype: storage of the [L, B, H, n, n] map history prev_map and of the
+    map the fit reads: "float16" (theirs, and ours: 2 bytes an entry, 420 MB
+    at Wan2.1-1.3B 720p), "bfloat16" (flips masks against theirs) or "float32"
+    (exact map fractions, twice the memory).
+  tail_block_diagonal: when n is not a multiple of blocks_per_frame, also give
+    block-diagonal heads the trailing partial frame group (their mask does;
+    their fit, like ours, leaves the group out of the basis E).
+  The diagonal guard (block (i, i) always kept) is ours and applies in every mode.
   """
   block_size: int = 128
   warmup_steps: int = 12
@@ -58,6 +78,9 @@ class MODConfig:
   e_max: float = 1.0
   dense_layers: int = 0
   refresh: str = "dense"
+  first_mask: str = "extrapolate"
+  history_dtype: str = "float16"
+  tail_block_diagonal: bool = False
   implementation: Optional[str] = None
   dense_implementation: Optional[str] = None
 
@@ -75,6 +98,25 @@ class MODConfig:
     _check(self.ridge > 0.0, f"ridge must be > 0, got {self.ridge!r}")
     _check(self.refresh in REFRESH_MODES,
            f"refresh must be one of {REFRESH_MODES}, got {self.refresh!r}")
+    _check(self.first_mask in FIRST_MASKS,
+           f"first_mask must be one of {FIRST_MASKS}, got {self.first_mask!r}")
+    _check(self.history_dtype in HISTORY_DTYPES,
+           f"history_dtype must be one of {HISTORY_DTYPES}, got {self.history_dtype!r}")
+    _check(isinstance(self.tail_block_diagonal, bool),
+           f"tail_block_diagonal must be a bool, got {self.tail_block_diagonal!r}")
+
+  @classmethod
+  def reference(cls, **overrides) -> "MODConfig":
+    """The authors' code as published (README defaults, Wan): top_k 350, warm-up 12,
+    interval 10, threshold 1e-4, ridge 1, e_max 1, dense refresh, and their first
+    mask, float16 history and partial-frame block diagonal. Their Wan utilities
+    also run layer 0 dense and run_wan.sh uses top_k 80, warm-up 10, interval 15:
+    `MODConfig.reference(**RUN_WAN_SH)`."""
+    fields = dict(block_size=128, warmup_steps=12, interval=10, top_k=350, threshold=1e-4,
+                  ridge=1.0, e_max=1.0, dense_layers=0, refresh="dense", first_mask="last_map",
+                  history_dtype="float16", tail_block_diagonal=True)
+    fields.update(overrides)
+    return cls(**fields)
 
 
 def warmup_reuse(**kwargs) -> MODConfig:
@@ -116,20 +158,21 @@ def StaticWindowConfig(**kwargs) -> StaticMaskConfig:  # noqa: N802 (reads as a 
 
 @dataclasses.dataclass(frozen=True)
 class OracleConfig:
-  """Upper bound: each step, each layer keeps the blocks with the lowest exact
-  sparsity S of that very step (measured by a dense map pass), at `density`."""
+  """Upper bound: at every step after the warm-up, each query-block row of each
+  head and layer keeps the key blocks holding the most softmax mass of that very
+  step (measured by a dense mass-map pass: lse, then a QK replay that sums
+  exp(s - lse) per block), `density` x n blocks per row (the diagonal block is
+  always one of them)."""
   density: float = 0.2
   block_size: int = 128
   warmup_steps: int = 12
-  threshold: float = 1e-4
   dense_layers: int = 0
   implementation: Optional[str] = None
   dense_implementation: Optional[str] = None
 
   def __post_init__(self):
-    _check_common(self)
+    _check_common(self, min_warmup=0)
     _check(0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density!r}")
-    _check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold!r}")
 
 
 AttentionConfig = Union[DenseConfig, MODConfig, StaticMaskConfig, OracleConfig]

@@ -28,10 +28,12 @@ class AttentionControl:
     "dense_map"   full attention plus the sparsity map S of every block;
     "sparse"      block-sparse attention with `block_mask`;
     "sparse_map"  block-sparse attention plus S on the active blocks only;
-    "oracle"      measure the exact S of this call, keep the `oracle_keep`
-                  lowest-S blocks per head (plus the diagonal), attend sparsely.
+    "oracle"      measure the exact block mass map of this call, keep in every
+                  query-block row the `oracle_keep` key blocks with the most
+                  mass (the diagonal among them), attend sparsely.
   block_mask: bool [L, B, H, n, n] (one slice per layer), or a
     `pallas_kernels.BlockTable` with the same leading axes; None for dense modes.
+    In "oracle" mode an optional bool mask of blocks forced on (dense layers).
   Cross-attention is always dense, through `implementation`.
   parallel: a `modjax.sharding.Parallel` (static): both attentions run under its
     mesh (Ulysses all-to-alls around self-attention); None calls the kernels
@@ -86,10 +88,10 @@ class AttentionControl:
     if self.mode == "dense":
       return dense_attention(q, k, v, implementation=self.implementation), {}
     if self.mode == "oracle":
-      smap = pallas_kernels.sparsity_map(
-          q, k, block_size=self.block_size, threshold=self.threshold,
-          implementation=self.sparse_implementation)
-      mask = masks.topk_blocks_mask(smap, self.oracle_keep)
+      mask = masks.mass_oracle_mask(q, k, self.oracle_keep, block_size=self.block_size,
+                                    implementation=self.sparse_implementation)
+      if self.block_mask is not None:  # blocks forced on (dense layers)
+        mask = mask | self.block_mask
       out = pallas_kernels.block_sparse_attention(
           q, k, v, mask, block_size=self.block_size, implementation=self.sparse_implementation)
       return out, self._recall_stats(q, k, mask)

@@ -91,9 +91,16 @@ def frame_index(n: int, blocks_per_frame: int) -> np.ndarray:
   return idx
 
 
-def frame_block_mask(n: int, blocks_per_frame: int) -> np.ndarray:
-  """bool [n, n] constant: (i, j) in the same (full) frame block, i.e. the basis E."""
+def frame_block_mask(n: int, blocks_per_frame: int, include_tail: bool = False) -> np.ndarray:
+  """bool [n, n] constant: (i, j) in the same (full) frame block, i.e. the basis E.
+
+  include_tail: also the trailing partial group [(n // bpf) * bpf, n) when n is
+  not a multiple of bpf (the authors' block-diagonal *mask*; never the basis E,
+  which their fit and ours leave it out of).
+  """
   f = frame_index(n, blocks_per_frame)
+  if include_tail:
+    f = np.arange(n) // blocks_per_frame
   return (f[:, None] == f[None, :]) & (f[:, None] >= 0)
 
 

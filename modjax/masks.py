@@ -2,8 +2,9 @@
 
 * static window: a Radial/STA-like local spatio-temporal band at block
   granularity plus an attention sink on the first frames -- a numpy constant;
-* oracle: per head, the blocks with the smallest exact sparsity S of the step
-  (a static count), plus the diagonal guard -- traced.
+* oracle: per query-block row of each head, the key blocks holding the most
+  softmax mass of the step (a static count per row, the diagonal among them),
+  from the block mass map of `pallas_kernels.block_mass_map` -- traced.
 
 Block geometry: block i lies in frame i // bpf at within-frame position
 i % bpf (a frame's blocks are contiguous rows of tokens, so the within-frame
@@ -14,18 +15,19 @@ last full frame form one extra, partial frame.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
 from modjax.predict import resolve_count, smallest_k_mask
 
 __all__ = [
     "static_window_mask", "static_window_for_density", "static_window_spec_for_density",
-    "WindowSpec", "topk_blocks_mask",
-    "resolve_block_count", "mask_density",
+    "WindowSpec", "resolve_row_count", "top_mass_row_mask", "mass_oracle_mask",
+    "mask_density",
 ]
 
 
@@ -166,33 +168,47 @@ def lines_mask_for_density(n: int, blocks_per_frame: int, target_density: float)
   return mask
 
 
-def resolve_block_count(keep: Union[int, float], n: int) -> int:
-  """Blocks kept per head of n x n: an int in [1, n^2] (clamped above), or a
-  float density in (0, 1] (rounded half up, at least 1)."""
-  return resolve_count(keep, n * n, name="keep", share="density")
+def resolve_row_count(keep: Union[int, float], n: int) -> int:
+  """Key blocks kept per query-block row of n: an int in [1, n] (clamped above),
+  or a float density in (0, 1] (n x density rounded half up, at least 1: the
+  count whose density is nearest)."""
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"n (number of blocks) must be an int >= 1, got {n!r}")
+  return resolve_count(keep, n, name="keep", share="density")
 
 
-def topk_blocks_mask(s: jax.Array, keep: Union[int, float]) -> jax.Array:
-  """Oracle mask: per head, the `keep` blocks with the smallest S, plus (i, i).
+def top_mass_row_mask(mass: jax.Array, keep: Union[int, float]) -> jax.Array:
+  """Oracle mask: in every row i of each [n, n] map, the `keep` key blocks with
+  the largest mass, the diagonal block (i, i) always one of them.
 
-  s: [..., n, n] sparsity map (NaN -- e.g. blocks a sparse map skipped -- ranks
-  last). keep: static count or density (see resolve_block_count). Ties keep
-  the lower row-major index. The diagonal guard is a union on top of the
-  budget, so a row is never empty; density can exceed the budget by up to n
-  blocks (1/n) per head.
+  mass: [..., n, n] block mass map (NaN -- a block a sparse map skipped --
+  ranks last). keep: static count or density per row (`resolve_row_count`).
+  Every row keeps exactly that many blocks (density keep / n); among equal
+  masses the lower column wins.
   """
-  s = jnp.asarray(s)
-  if s.ndim < 2 or s.shape[-1] != s.shape[-2]:
-    raise ValueError(f"S must be [..., n, n], got shape {s.shape}")
-  return _topk_blocks_mask(s, resolve_block_count(keep, s.shape[-1]))
+  mass = jnp.asarray(mass)
+  if mass.ndim < 2 or mass.shape[-1] != mass.shape[-2]:
+    raise ValueError(f"mass must be [..., n, n], got shape {mass.shape}")
+  if not jnp.issubdtype(mass.dtype, jnp.floating):
+    raise ValueError(f"mass must be a float array, got dtype {mass.dtype}")
+  return _top_mass_row_mask(mass, resolve_row_count(keep, mass.shape[-1]))
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _topk_blocks_mask(s, k):
-  n = s.shape[-1]
-  flat = s.reshape(s.shape[:-2] + (n * n,))
-  mask = smallest_k_mask(flat, k).reshape(s.shape)
-  return mask | jnp.eye(n, dtype=bool)
+def _top_mass_row_mask(mass, k):
+  n = mass.shape[-1]
+  v = -mass.astype(jnp.promote_types(mass.dtype, jnp.float32))
+  v = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, v)  # the guard goes first
+  return smallest_k_mask(v, k)
+
+
+def mass_oracle_mask(q: jax.Array, k: jax.Array, keep: Union[int, float], *,
+                     block_size: int = 128, implementation: Optional[str] = None) -> jax.Array:
+  """bool [B, H, n, n]: `top_mass_row_mask` of the exact block mass map of q, k
+  [B, S, H, D] (dense: an lse pass, then a QK replay summing exp(s - lse))."""
+  mass = pallas_kernels.block_mass_map(q, k, block_size=block_size,
+                                       implementation=implementation)
+  return top_mass_row_mask(mass, keep)
 
 
 def mask_density(mask) -> jax.Array:

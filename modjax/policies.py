@@ -67,8 +67,9 @@ class Geometry:
 class MODState:
   """MOD-DiT's history, carried through the denoising scan.
 
-  prev_map: [L, B, H, n, n] bf16, last measured sparsity of each block
-    (blocks skipped since keep their older value).
+  prev_map: [L, B, H, n, n] in the config's history_dtype (float16 by default),
+    last measured sparsity of each block (blocks skipped since keep their older
+    value).
   x_prev, x_cur: the last two fitted PatternFeatures.
   block_diagonal: bool [L, B, H], fixed at the end of warm-up.
   mask: bool [L, B, H, n, n]; table: its compacted form for the kernel.
@@ -155,9 +156,18 @@ class MODPolicy(_SparsePolicy):
     self.top_k = predict_lib.resolve_top_k(config.top_k, n)
     self.width = predict_lib.max_row_width(self.top_k, n, bpf)
 
+  @property
+  def history_dtype(self):
+    return jnp.dtype(self.config.history_dtype)
+
   def step_kinds(self, num_steps: int) -> np.ndarray:
     c = self.config
-    return mod_step_kinds(num_steps, c.warmup_steps, c.interval, refresh=c.refresh != "none")
+    kinds = mod_step_kinds(num_steps, c.warmup_steps, c.interval, refresh=c.refresh != "none")
+    if c.first_mask == "last_map" and c.warmup_steps >= 2 and num_steps > c.warmup_steps - 2:
+      # The authors' fit returns zeros at step W-2, so its map is never used:
+      # run that step plain dense and extrapolate X(W-1) from zero features.
+      kinds[c.warmup_steps - 2] = StepKind.DENSE
+    return kinds
 
   def init(self) -> MODState:
     g = self.geom
@@ -166,7 +176,7 @@ class MODPolicy(_SparsePolicy):
     feats = features_lib.PatternFeatures(diag=zeros(2 * n - 1), col=zeros(n), block=zeros())
     mask = jnp.ones(g.lead + (n, n), bool)
     return MODState(
-        prev_map=jnp.ones(g.lead + (n, n), jnp.bfloat16), x_prev=feats, x_cur=feats,
+        prev_map=jnp.ones(g.lead + (n, n), self.history_dtype), x_prev=feats, x_cur=feats,
         block_diagonal=jnp.zeros(g.lead, bool), mask=mask, table=_compact(mask, self.width))
 
   def control(self, state: MODState, kind: StepKind) -> AttentionControl:
@@ -181,18 +191,19 @@ class MODPolicy(_SparsePolicy):
   def _predict(self, x_prev, x_cur, block_diagonal):
     mask = predict_lib.predict_mask(
         x_prev, x_cur, interval=self.config.interval, top_k=self.top_k,
-        blocks_per_frame=self.geom.blocks_per_frame, block_diagonal=block_diagonal)
+        blocks_per_frame=self.geom.blocks_per_frame, block_diagonal=block_diagonal,
+        tail_block_diagonal=self.config.tail_block_diagonal)
     return self._with_dense_layers(mask)
 
   def update(self, state: MODState, stats, kind: StepKind) -> MODState:
     if kind not in (StepKind.MAP, StepKind.REFRESH):
       return state
     c, bpf = self.config, self.geom.blocks_per_frame
-    smap = stats["sparsity_map"]
+    smap = stats["sparsity_map"].astype(self.history_dtype)
     if kind == StepKind.MAP:
-      merged = smap.astype(jnp.bfloat16)
+      merged = smap
     else:  # history: blocks skipped under the current mask keep their older value
-      merged = jnp.where(state.mask, smap.astype(jnp.bfloat16), state.prev_map)
+      merged = jnp.where(state.mask, smap, state.prev_map)
     fitted = features_lib.fit_pattern_features(merged, bpf, c.ridge)
     block_diagonal = (predict_lib.block_diagonal_mode(fitted, c.e_max)
                       if kind == StepKind.MAP else state.block_diagonal)
@@ -233,12 +244,13 @@ class StaticMaskPolicy(_SparsePolicy):
 
 
 class OraclePolicy(_SparsePolicy):
-  """Dense warm-up, then each layer keeps the lowest-S blocks of that very step."""
+  """Dense warm-up, then every query-block row keeps the key blocks with the most
+  softmax mass of that very step (`masks.mass_oracle_mask`), the same number of
+  blocks in every row; layers below dense_layers run dense."""
 
   def __init__(self, config: cfg_lib.OracleConfig, geom: Geometry):
     self.config, self.geom = config, geom
-    n = geom.num_blocks
-    self.keep = max(int(round(config.density * n * n)), n)
+    self.keep = masks_lib.resolve_row_count(config.density, geom.num_blocks)
 
   def step_kinds(self, num_steps: int) -> np.ndarray:
     return warmup_step_kinds(num_steps, self.config.warmup_steps)
@@ -249,7 +261,12 @@ class OraclePolicy(_SparsePolicy):
   def control(self, state, kind: StepKind) -> AttentionControl:
     if kind == StepKind.DENSE:
       return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
-    return self._control("oracle", oracle_keep=self.keep)
+    forced = None
+    if self.config.dense_layers:  # blocks forced on: every block of the dense layers
+      g = self.geom
+      forced = jnp.broadcast_to(jnp.asarray(_layer_dense(g, self.config.dense_layers)),
+                                g.lead + (g.num_blocks, g.num_blocks))
+    return self._control("oracle", block_mask=forced, oracle_keep=self.keep)
 
   def update(self, state, stats, kind):
     return state
@@ -257,8 +274,8 @@ class OraclePolicy(_SparsePolicy):
   def density(self, state, kind):
     if kind == StepKind.DENSE:
       return jnp.ones((self.geom.num_layers,), jnp.float32)
-    n = self.geom.num_blocks
-    return jnp.full((self.geom.num_layers,), min(self.keep / (n * n), 1.0), jnp.float32)
+    dense = _layer_dense(self.geom, self.config.dense_layers).reshape(-1)
+    return jnp.asarray(np.where(dense, 1.0, self.keep / self.geom.num_blocks), jnp.float32)
 
 
 def make_policy(attention: cfg_lib.AttentionConfig, geom: Geometry):

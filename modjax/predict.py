@@ -134,29 +134,34 @@ def lines_to_mask(keep_cols: jax.Array, keep_diags: jax.Array, n: int) -> jax.Ar
 
 
 def predict_mask(prev: PatternFeatures, cur: PatternFeatures, *, interval, top_k: TopK,
-                 blocks_per_frame: int, block_diagonal) -> jax.Array:
+                 blocks_per_frame: int, block_diagonal,
+                 tail_block_diagonal: bool = False) -> jax.Array:
   """The next block mask, bool [..., n, n] (ALGORITHM.md sections 3 and 8).
 
   Union of the kept columns and diagonals of the predicted features, every
   (full) frame block for heads with block_diagonal True (bool [...],
   broadcast against the features' leading dims), and the diagonal (i, i).
-  top_k and blocks_per_frame are static; interval may be traced.
+  tail_block_diagonal: those heads also get the trailing partial frame group
+  (the authors' mask). top_k, blocks_per_frame and tail_block_diagonal are
+  static; interval may be traced.
   """
   n = cur.n
   if isinstance(interval, (int, float, np.integer, np.floating)) and not interval > 0:
     raise ValueError(f"interval must be > 0, got {interval!r}")
+  if not isinstance(tail_block_diagonal, (bool, np.bool_)):
+    raise ValueError(f"tail_block_diagonal must be a bool, got {tail_block_diagonal!r}")
   frame_block_mask(n, blocks_per_frame)  # validates blocks_per_frame
   return _predict_mask(prev, cur, interval, jnp.asarray(block_diagonal, bool),
-                       resolve_top_k(top_k, n), int(blocks_per_frame))
+                       resolve_top_k(top_k, n), int(blocks_per_frame), bool(tail_block_diagonal))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _predict_mask(prev, cur, interval, block_diagonal, k, blocks_per_frame):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _predict_mask(prev, cur, interval, block_diagonal, k, blocks_per_frame, tail=False):
   n = cur.n
   pred = _extrapolate(prev, cur, interval)
   keep_cols, keep_diags = _select_lines(pred, k)
   mask = lines_to_mask(keep_cols, keep_diags, n)
-  fb = jnp.asarray(frame_block_mask(n, blocks_per_frame))
+  fb = jnp.asarray(frame_block_mask(n, blocks_per_frame, include_tail=tail))
   mask = mask | (block_diagonal[..., None, None] & fb)
   return mask | jnp.eye(n, dtype=bool)
 
@@ -167,7 +172,8 @@ def max_row_width(top_k: TopK, n: int, blocks_per_frame: int) -> int:
 
   Each kept line (column or diagonal) meets a row at most once: <= top_k. On
   top of that a row gets either its frame block (block-diagonal head, row inside
-  a full frame block: bpf blocks, which already contain the guard (i, i)) or
+  a frame block: at most bpf blocks -- the trailing partial group of
+  tail_block_diagonal has fewer -- which already contain the guard (i, i)) or
   just the guard (any other row): at most max(bpf, 1) = bpf more. This is
   ALGORITHM.md's min(n, top_k + bpf); the guard needs no extra slot.
   """

@@ -9,6 +9,7 @@ Public API:
   sparsity_map(q, k, *, block_size=128, threshold=1e-4, block_mask=None, ...,
                precision="bf16") -> S
   PRECISIONS: "bf16", "fp8", "int8_fp8", "int8_bf16" (pallas_kernels.quantize).
+  block_mass_map(q, k, *, block_size=128, block_mask=None, ...) -> M (softmax mass per block)
   BlockTable, compact_block_mask, block_mask_from_table: the compacted mask.
   block_sparse_attention_reference: dense float32 oracle;
   quantized_attention_reference, quantized_sparsity_map_reference: the same
@@ -19,6 +20,7 @@ Public API:
 from pallas_kernels.api import (
     IMPLEMENTATIONS,
     PRECISIONS,
+    block_mass_map,
     block_sparse_attention,
     block_sparse_attention_with_map,
     default_implementation,
@@ -45,6 +47,7 @@ __all__ = [
     "QuantizedQKV",
     "BlockTable",
     "block_mask_from_table",
+    "block_mass_map",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "block_sparse_attention_with_map",

@@ -18,7 +18,10 @@ block_size, sm_scale, interpret) -> (out, lse)` and `block_sparse_lse(q, k,
 table, ...) -> lse`, where table=None means dense (`table_or_dense` builds the
 all-active table for backends without a dedicated dense loop); each map module
 provides `sparsity_map_from_lse(q, k, lse, table, *, block_size, threshold,
-sm_scale, interpret)`. A new backend is one line in `_BACKENDS`.
+sm_scale, interpret)`. A new backend is one line in `_BACKENDS`. Map modules may
+also provide `block_mass_from_lse(q, k, lse, table, *, block_size, sm_scale,
+interpret)` (the block mass map of `block_mass_map`); those without it refuse
+an explicit `implementation=` for the mass map.
 
 Precisions (`precision=`, see pallas_kernels.quantize): "bf16" (no
 quantization, the default), "fp8", "int8_fp8", "int8_bf16". A backend module
@@ -52,6 +55,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_with_map",
     "sparsity_map",
+    "block_mass_map",
 ]
 
 # name -> (attention module, sparsity-map module), both under pallas_kernels.
@@ -334,3 +338,48 @@ def sparsity_map(q: jax.Array, k: jax.Array, *, block_size: int = 128,
     table = table.broadcast_to((b, h))
   return _map(q, k, lse, table, impl=impl, block_size=block_size,
               threshold=threshold, scale=scale, interpret=interpret, qq=qq)
+
+
+def _mass_module(implementation: Optional[str], impl: str):
+  """The map module that computes the mass map for `impl`: its own, or (only
+  when implementation=None picked `impl`) xla's."""
+  module = _map_module(impl)
+  if hasattr(module, "block_mass_from_lse"):
+    return module
+  if implementation is None:
+    return _map_module("xla")
+  with_mass = [name for name in IMPLEMENTATIONS
+               if hasattr(_map_module(name), "block_mass_from_lse")]
+  raise ValueError(f"implementation={implementation!r} has no block mass map "
+                   f"({module.__name__} lacks block_mass_from_lse); use one of {with_mass}")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "sm_scale", "implementation", "interpret"))
+def block_mass_map(q: jax.Array, k: jax.Array, *, block_size: int = 128,
+                   block_mask: MaskLike = None, sm_scale: Optional[float] = None,
+                   implementation: Optional[str] = None,
+                   interpret: bool = False) -> jax.Array:
+  """The block mass map M [B, H, n, n] (float32): the softmax mass per block.
+
+  M[i, j] = (sum over valid query rows r of block i and valid keys c of block j
+  of p[r, c]) / (valid rows of block i), p the softmax over the row's active
+  blocks (all when block_mask is None): the mean share of a block-row's
+  attention that falls in key block j (rows sum to 1; inactive blocks NaN).
+  The same two passes as `sparsity_map` (lse-only flash pass, then a QK replay
+  summing exp(s - lse)). Backends without a mass kernel refuse an explicit
+  `implementation`; with None the default backend's, else xla's, is used.
+  """
+  _validate_qkv(q, k, None, block_size=block_size, implementation=implementation,
+                need_v=False)
+  b, s, h, _ = q.shape
+  n = -(-s // block_size)
+  impl, scale = _resolve(q, implementation, sm_scale, block_size)
+  module = _mass_module(implementation, impl)
+  table = _to_table(block_mask, b, h, n, broadcast=False)
+  lse = _attention_module(impl).block_sparse_lse(
+      q, k, table, block_size=block_size, sm_scale=scale, interpret=interpret)
+  if table is not None:
+    table = table.broadcast_to((b, h))
+  return module.block_mass_from_lse(q, k, lse, table, block_size=block_size,
+                                    sm_scale=scale, interpret=interpret)

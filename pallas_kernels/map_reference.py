@@ -1,4 +1,5 @@
-"""Pure-jnp reference for the MOD-DiT sparsity map (docs/algorithm.md sections 1, 8).
+"""Pure-jnp reference for the MOD-DiT sparsity map (docs/algorithm.md sections 1, 8)
+and for the block mass map (the oracle's statistic).
 
 For one (batch, head), with p = softmax(sm_scale * q k^T) over the valid row
 (restricted to the block mask when one is given), the sparsity map is
@@ -6,8 +7,14 @@ For one (batch, head), with p = softmax(sm_scale * q k^T) over the valid row
     S[i, j] = #{(r, c) : r valid in query block i, c valid in key block j,
                 p[r, c] < threshold} / (valid rows of i * valid cols of j)
 
-with n = ceil(seq_len / block_size) blocks; padded tokens never count. Blocks
-outside the mask are NaN. Everything here is float32 and materialises the full
+with n = ceil(seq_len / block_size) blocks; padded tokens never count. The
+block mass map is the same two-pass measurement summing instead of counting:
+
+    M[i, j] = sum_{r valid in i, c valid in j} p[r, c] / (valid rows of i)
+
+the mean over the rows of query block i of the softmax mass that falls in key
+block j, so each row of M sums to 1 over the active blocks. Blocks outside the
+mask are NaN in both maps. Everything here is float32 and materialises the full
 [B, H, S, S] score matrix: it is the ground truth for the kernels, not a fast
 path (see `map_xla` for the memory-frugal XLA version).
 """
@@ -29,6 +36,8 @@ __all__ = [
     "block_token_counts",
     "table_to_block_mask",
     "check_map_args",
+    "block_mass_map_reference",
+    "block_mass_from_lse",
 ]
 
 
@@ -88,6 +97,22 @@ def _scores(q, k, sm_scale):
   kf = k.astype(jnp.float32)
   s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST)
   return s * sm_scale
+
+
+def _block_mass(p, block_mask, *, block_size, seq_len):
+  """p: float32 [B, H, S, S] (0 outside the mask) -> float32 [B, H, n, n]
+  (mean over each query block's valid rows of the mass in each key block; NaN
+  where not in the mask)."""
+  b_, h_ = p.shape[:2]
+  n = -(-seq_len // block_size)
+  pad = n * block_size - seq_len
+  p = jnp.pad(p, ((0, 0), (0, 0), (0, pad), (0, pad)))
+  mass = p.reshape(b_, h_, n, block_size, n, block_size).sum(axis=(3, 5))
+  nv = block_token_counts(seq_len, block_size)
+  mass = mass / jnp.asarray(nv[:, None])
+  if block_mask is not None:
+    mass = jnp.where(block_mask, mass, jnp.nan)
+  return mass
 
 
 def _block_fraction(below, block_mask, *, block_size, seq_len):
@@ -172,3 +197,55 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
     block_mask = jnp.broadcast_to(table_to_block_mask(table, n), (b_, h_, n, n))
     below = below & _token_mask(block_mask, block_size, s_)
   return _block_fraction(below, block_mask, block_size=block_size, seq_len=s_)
+
+
+def check_mass_args(q, k, lse, table, *, block_size: int):
+  """`check_map_args` without a threshold. Returns (B, S, H, D, n)."""
+  return check_map_args(q, k, lse, table, block_size=block_size, threshold=1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale"))
+def block_mass_map_reference(q: jax.Array, k: jax.Array, *, block_size: int,
+                             sm_scale: Optional[float] = None,
+                             block_mask: Optional[jax.Array] = None) -> jax.Array:
+  """The block mass map from scratch: full (masked) softmax in float32.
+
+  Args as in `sparsity_map_reference` (no threshold). Returns float32
+  [B, H, n, n]; M[i, j] = mean over the valid rows r of query block i of
+  sum_{c valid in key block j} p[r, c]; each row sums to 1 over its active
+  blocks (0 for a row whose mask is empty), inactive blocks are NaN.
+  """
+  b_, s_, h_, d_, n = check_mass_args(q, k, None, None, block_size=block_size)
+  scale = resolve_sm_scale(sm_scale, d_)
+  s = _scores(q, k, scale)
+  if block_mask is not None:
+    block_mask = jnp.broadcast_to(jnp.asarray(block_mask, jnp.bool_), (b_, h_, n, n))
+    s = jnp.where(_token_mask(block_mask, block_size, s_), s, -jnp.inf)
+  row_max = jnp.max(s, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  e = jnp.exp(s - row_max)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  p = e / jnp.where(total > 0, total, 1.0)
+  return _block_mass(p, block_mask, block_size=block_size, seq_len=s_)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "interpret"))
+def block_mass_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array, table: Any = None, *,
+                        block_size: int, sm_scale: Optional[float] = None,
+                        interpret: bool = False) -> jax.Array:
+  """The block mass map from a given row log-sum-exp: p = exp(sm_scale q.k - lse).
+
+  Args as in `sparsity_map_from_lse` (no threshold); a row with lse = -inf (an
+  empty mask row) has no mass. Returns float32 [B, H, n, n], NaN off the table.
+  """
+  del interpret
+  b_, s_, h_, d_, n = check_mass_args(q, k, lse, table, block_size=block_size)
+  scale = resolve_sm_scale(sm_scale, d_)
+  s = _scores(q, k, scale)
+  lse = lse.astype(jnp.float32)[..., None]
+  p = jnp.where(jnp.isfinite(lse), jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+  block_mask = None
+  if table is not None:
+    block_mask = jnp.broadcast_to(table_to_block_mask(table, n), (b_, h_, n, n))
+    p = jnp.where(_token_mask(block_mask, block_size, s_), p, 0.0)
+  return _block_mass(p, block_mask, block_size=block_size, seq_len=s_)

@@ -15,6 +15,10 @@ NaN (sparse) or 0 (dense) at t == 0, updated by a one-hot select.
 Layouts: q, k are transposed to [B*H, S, D] so a tile is (b, D) (lane dim =
 D, the full head dim); lse is passed as [B*H, S, 1] so the bound is a column
 vector; the output is [B*H, n, 1, n] (a (1, n) row per step, full dims).
+
+The block mass map (`block_mass_from_lse`) is the same grid with each tile
+reduced to sum(exp(sm_scale * q.k - lse)) (padded and empty rows: no mass),
+divided by the valid rows of the query block.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.map_reference import check_map_args, resolve_sm_scale
 
-__all__ = ["sparsity_map_from_lse", "SMEM_TABLE_BUDGET_BYTES"]
+__all__ = ["sparsity_map_from_lse", "block_mass_from_lse", "SMEM_TABLE_BUDGET_BYTES"]
 
 # Scalar-prefetch budget for the block table. Past it, the (batch, head) pairs
 # are split over several pallas_calls (a lax.map over groups), each of which
@@ -40,7 +44,7 @@ SMEM_TABLE_BUDGET_BYTES = 512 * 1024
 
 def _map_kernel(*refs, block_size: int, seq_len: int, num_blocks: int,
                 width: int, log_threshold: float, inv_scale: float,
-                sparse: bool):
+                sparse: bool, mass: bool = False):
   if sparse:
     idx_ref, cnt_ref, q_ref, k_ref, lse_ref, o_ref = refs
   else:
@@ -70,24 +74,29 @@ def _map_kernel(*refs, block_size: int, seq_len: int, num_blocks: int,
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)  # [bs, bs]
     row_ids = i * bs + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)
-    bound = jnp.where(row_ids < seq_len,
-                      (lse_ref[...] + log_threshold) * inv_scale, -jnp.inf)
-    below = s < bound
+    lse = lse_ref[...]
+    if mass:
+      # p = exp(s / inv_scale - lse); padded and empty (lse = -inf) rows: none.
+      offset = jnp.where((row_ids < seq_len) & (lse > -jnp.inf), lse, jnp.inf)
+      x = jnp.exp(s * (1.0 / inv_scale) - offset)
+    else:
+      bound = jnp.where(row_ids < seq_len, (lse + log_threshold) * inv_scale, -jnp.inf)
+      x = (s < bound).astype(jnp.float32)
     if seq_len % bs:
       col_ids = j * bs + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)
-      below = jnp.logical_and(below, col_ids < seq_len)
-    c = jnp.sum(below.astype(jnp.float32), axis=0, keepdims=True)   # [1, bs]
+      x = jnp.where(col_ids < seq_len, x, 0.0)
+    c = jnp.sum(x, axis=0, keepdims=True)                          # [1, bs]
     c = jnp.sum(c, axis=1, keepdims=True)                          # [1, 1]
     rows_valid = jnp.clip(seq_len - i * bs, 0, bs)
     cols_valid = jnp.clip(seq_len - j * bs, 0, bs)
-    denom = jnp.full((1, 1), rows_valid * cols_valid, jnp.int32)
+    denom = jnp.full((1, 1), rows_valid if mass else rows_valid * cols_valid, jnp.int32)
     val = c / denom.astype(jnp.float32)
     cols = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, 1)      # [1, n]
     o_ref[...] = jnp.where(cols == j, val, o_ref[...])
 
 
 def _map_call(qt, kt, lse3, indices, counts, *, block_size, seq_len,
-              log_threshold, inv_scale, interpret):
+              log_threshold, inv_scale, interpret, mass=False):
   """One pallas_call over G flattened (batch, head) pairs.
 
   qt, kt [G, Sp, D]; lse3 [G, Sp, 1]; indices [G * n * w] and counts [G * n]
@@ -120,7 +129,7 @@ def _map_call(qt, kt, lse3, indices, counts, *, block_size, seq_len,
 
   kernel = functools.partial(
       _map_kernel, block_size=bs, seq_len=seq_len, num_blocks=n, width=w,
-      log_threshold=log_threshold, inv_scale=inv_scale, sparse=sparse)
+      log_threshold=log_threshold, inv_scale=inv_scale, sparse=sparse, mass=mass)
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -158,8 +167,17 @@ def _resolve_interpret(interpret):
   return interpret
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_size", "threshold", "sm_scale", "interpret"))
+def block_mass_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
+                        table: Any = None, *, block_size: int,
+                        sm_scale: Optional[float] = None,
+                        interpret: Any = False) -> jax.Array:
+  """Block mass map M float32 [B, H, n, n] (Pallas Mosaic TPU kernel): M[i, j] =
+  sum of exp(sm_scale q.k - lse) over block (i, j) / valid rows of query block i.
+  Args as `sparsity_map_from_lse` without the threshold; NaN off the table."""
+  return _map_from_lse(q, k, lse, table, block_size=block_size, threshold=0.5,
+                       sm_scale=sm_scale, interpret=interpret, mass=True)
+
+
 def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
                           table: Any = None, *, block_size: int,
                           threshold: float, sm_scale: Optional[float] = None,
@@ -183,6 +201,13 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
   Returns:
     float32 [B, H, n, n].
   """
+  return _map_from_lse(q, k, lse, table, block_size=block_size, threshold=threshold,
+                       sm_scale=sm_scale, interpret=interpret, mass=False)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "threshold", "sm_scale", "interpret", "mass"))
+def _map_from_lse(q, k, lse, table, *, block_size, threshold, sm_scale, interpret, mass):
   b_, s_, h_, d_, n = check_map_args(q, k, lse, table, block_size=block_size,
                                      threshold=threshold)
   bs = block_size
@@ -205,7 +230,7 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
   lse3 = lse3.reshape(gtot, sp, 1)
   call = functools.partial(
       _map_call, block_size=bs, seq_len=s_, log_threshold=math.log(threshold),
-      inv_scale=1.0 / scale, interpret=_resolve_interpret(interpret))
+      inv_scale=1.0 / scale, interpret=_resolve_interpret(interpret), mass=mass)
 
   if table is None:
     out = call(qt, kt, lse3, None, None)

@@ -24,7 +24,12 @@ blocks not visited stay NaN.
 
 Padded queries (rows past seq_len) get a bound of -inf; padded keys (only in the
 last key block, and only when seq_len % block_size != 0) are masked out per
-tile. The Triton lowering is deprecated from JAX 0.11 (still works there): this
+tile.
+
+The block mass map (`block_mass_from_lse`, the oracle's statistic) is the same
+launch with the tile reduced to sum(exp(sm_scale * q.k - lse)) instead of the
+count below the bound (padded and empty rows: no mass), divided by the valid
+rows of the query block instead of the valid pairs. The Triton lowering is deprecated from JAX 0.11 (still works there): this
 file is self-contained so that a Mosaic GPU version can replace it.
 """
 
@@ -42,7 +47,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.map_reference import check_map_args, resolve_sm_scale
 
-__all__ = ["MapBlockConfig", "sparsity_map_from_lse", "sparsity_map_triton"]
+__all__ = ["MapBlockConfig", "sparsity_map_from_lse", "sparsity_map_triton",
+           "block_mass_from_lse"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,50 +120,59 @@ def _n_pad(n: int) -> int:
 
 
 def _row_bound(lse_ref, i, *, block_size: int, seq_len: int, log_threshold: float,
-               inv_scale: float):
-  """Per-row bound [bs, 1] on the raw score q.k of query block i."""
+               inv_scale: float, mass: bool = False):
+  """Per-row value [bs, 1] of query block i: the bound on the raw score q.k
+  (count), or the row's lse (mass; +inf for padded and empty rows: no mass)."""
   bs = block_size
   lse = lse_ref[...].astype(jnp.float32)                        # [bs]
   row_ids = i * bs + jnp.arange(bs, dtype=jnp.int32)
+  if mass:
+    return jnp.where((row_ids < seq_len) & (lse > -jnp.inf), lse, jnp.inf)[:, None]
   # Padded rows (past seq_len) can never be below it.
   bound = jnp.where(row_ids < seq_len, (lse + log_threshold) * inv_scale,
                     -jnp.inf)
   return bound[:, None]
 
 
-def _below(q, k_ref, j, bound, *, block_size: int, seq_len: int):
-  """bool [bs, bs]: scores of key block j below the row bound (padded keys False)."""
+def _tile(q, k_ref, j, bound, *, block_size: int, seq_len: int, mass: bool = False,
+          scale: float = 1.0):
+  """float32 [bs, bs] of key block j: 1 where the score is below the row bound
+  (count), or p = exp(scale q.k - lse) (mass); 0 on padded keys."""
   bs = block_size
   start = pl.multiple_of(j * bs, bs)
   k = k_ref[pl.ds(start, bs), :]                                # [bs, D]
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                           preferred_element_type=jnp.float32)    # [bs, bs]
-  below = s < bound
+  x = jnp.exp(s * scale - bound) if mass else (s < bound).astype(jnp.float32)
   if seq_len % bs:
     key_ok = start + jnp.arange(bs, dtype=jnp.int32) < seq_len
-    below = jnp.logical_and(below, key_ok[None, :])
-  return below
+    x = jnp.where(key_ok[None, :], x, 0.0)
+  return x
 
 
-def _pair_counts(i, cols, *, block_size: int, seq_len: int):
-  """Valid (query, key) pairs of blocks (i, cols); 0 past n."""
+def _pair_counts(i, cols, *, block_size: int, seq_len: int, mass: bool = False):
+  """Valid (query, key) pairs of blocks (i, cols), 0 past n (count); the valid
+  rows of block i (mass)."""
   bs = block_size
   rows_valid = jnp.clip(seq_len - i * bs, 0, bs)
+  if mass:
+    return jnp.full(cols.shape, rows_valid, jnp.float32)
   cols_valid = jnp.clip(seq_len - cols * bs, 0, bs)
   return (rows_valid * cols_valid).astype(jnp.float32)
 
 
 def _dense_map_kernel(q_ref, k_ref, lse_ref, o_ref, *, block_size: int,
                       seq_len: int, num_blocks: int, count_group: int,
-                      **bound_kw):
+                      mass: bool = False, scale: float = 1.0, **bound_kw):
   """Key blocks [split * w, (split + 1) * w) of query block i, w = o_ref width."""
   geom = dict(block_size=block_size, seq_len=seq_len)
+  tile_kw = dict(mass=mass, scale=scale)
   # Program ids are read here, not inside the loops (the interpreter needs that).
   i, split = pl.program_id(0), pl.program_id(1)
   width = o_ref.shape[-1]
   first = split * width
   q = q_ref[...]                                                # [bs, D]
-  bound = _row_bound(lse_ref, i, **geom, **bound_kw)
+  bound = _row_bound(lse_ref, i, **geom, **bound_kw, mass=mass)
   lanes = jnp.arange(count_group, dtype=jnp.int32)
 
   def group(g, carry):
@@ -165,15 +180,14 @@ def _dense_map_kernel(q_ref, k_ref, lse_ref, o_ref, *, block_size: int,
 
     def tile(t, acc):
       # Row counts stay in the dot's layout: a reduction inside each warp.
-      row_counts = jnp.sum(_below(q, k_ref, j0 + t, bound, **geom).astype(jnp.float32),
-                           axis=1)
+      row_counts = jnp.sum(_tile(q, k_ref, j0 + t, bound, **geom, **tile_kw), axis=1)
       return jnp.where(lanes[None, :] == t, row_counts[:, None], acc)
 
     trip = jnp.clip(num_blocks - j0, 0, count_group)
     acc = jax.lax.fori_loop(0, trip, tile,
                             jnp.zeros((block_size, count_group), jnp.float32))
     # Blocks past n divide 0 by 0 and are sliced off by the wrapper.
-    counts = jnp.sum(acc, axis=0) / _pair_counts(i, j0 + lanes, **geom)
+    counts = jnp.sum(acc, axis=0) / _pair_counts(i, j0 + lanes, **geom, mass=mass)
     o_ref[pl.ds(pl.multiple_of(g * count_group, count_group), count_group)] = counts
     return carry
 
@@ -181,35 +195,41 @@ def _dense_map_kernel(q_ref, k_ref, lse_ref, o_ref, *, block_size: int,
 
 
 def _sparse_map_kernel(q_ref, k_ref, lse_ref, idx_ref, cnt_ref, o_ref, *,
-                       block_size: int, seq_len: int, **bound_kw):
+                       block_size: int, seq_len: int, mass: bool = False,
+                       scale: float = 1.0, **bound_kw):
   """Active key blocks (table entries < counts) of query block i; others NaN."""
   geom = dict(block_size=block_size, seq_len=seq_len)
   i = pl.program_id(0)
   cols = jnp.arange(o_ref.shape[-1], dtype=jnp.int32)
   q = q_ref[...]                                                # [bs, D]
-  bound = _row_bound(lse_ref, i, **geom, **bound_kw)
+  bound = _row_bound(lse_ref, i, **geom, **bound_kw, mass=mass)
 
   def body(t, row):
     j = idx_ref[t]
-    count = jnp.sum(_below(q, k_ref, j, bound, **geom).astype(jnp.float32))
+    count = jnp.sum(_tile(q, k_ref, j, bound, **geom, mass=mass, scale=scale))
     return jnp.where(cols == j, count, row)
 
   row = jax.lax.fori_loop(0, cnt_ref[0], body,
                           jnp.full(cols.shape, jnp.nan, jnp.float32))
   # Columns past n (n_pad > n) divide by 0 and are sliced off by the wrapper.
-  o_ref[...] = row / _pair_counts(i, cols, **geom)
+  o_ref[...] = row / _pair_counts(i, cols, **geom, mass=mass)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "threshold", "sm_scale", "interpret",
-                     "config"))
+                     "config", "statistic"))
 def sparsity_map_triton(q: jax.Array, k: jax.Array, lse: jax.Array,
                         table: Any = None, *, block_size: int, threshold: float,
                         sm_scale: Optional[float] = None,
                         interpret: bool = False,
-                        config: MapBlockConfig = MapBlockConfig()) -> jax.Array:
-  """`sparsity_map_from_lse` with explicit launch parameters (`config`)."""
+                        config: MapBlockConfig = MapBlockConfig(),
+                        statistic: str = "count") -> jax.Array:
+  """`sparsity_map_from_lse` with explicit launch parameters (`config`);
+  statistic "mass" gives `block_mass_from_lse` (threshold unused)."""
+  if statistic not in ("count", "mass"):
+    raise ValueError(f"statistic must be 'count' or 'mass', got {statistic!r}")
+  mass = statistic == "mass"
   b_, s_, h_, d_, n = check_map_args(q, k, lse, table, block_size=block_size,
                                      threshold=threshold)
   bs = block_size
@@ -253,7 +273,7 @@ def sparsity_map_triton(q: jax.Array, k: jax.Array, lse: jax.Array,
   ]
   args = [q, k, lse]
   kw = dict(block_size=bs, seq_len=s_, log_threshold=math.log(threshold),
-            inv_scale=1.0 / scale)
+            inv_scale=1.0 / scale, mass=mass, scale=scale)
   if sparse:
     w = table.indices.shape[-1]
     indices = jnp.broadcast_to(jnp.asarray(table.indices, jnp.int32), (b_, h_, n, w))
@@ -305,3 +325,14 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
   return sparsity_map_triton(q, k, lse, table, block_size=block_size,
                              threshold=threshold, sm_scale=sm_scale,
                              interpret=interpret)
+
+
+def block_mass_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
+                        table: Any = None, *, block_size: int,
+                        sm_scale: Optional[float] = None,
+                        interpret: bool = False) -> jax.Array:
+  """Block mass map M float32 [B, H, n, n] (Pallas Triton kernel): M[i, j] = sum
+  of exp(sm_scale q.k - lse) over block (i, j) / valid rows of query block i.
+  Args as `sparsity_map_from_lse` without the threshold; NaN off the table."""
+  return sparsity_map_triton(q, k, lse, table, block_size=block_size, threshold=0.5,
+                             sm_scale=sm_scale, interpret=interpret, statistic="mass")

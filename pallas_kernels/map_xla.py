@@ -7,6 +7,8 @@ listed key blocks are gathered and measured; the others come back NaN.
 
 The compare is done in the log domain (no exp):
     p < threshold  <=>  sm_scale * q.k < lse + log(threshold).
+The block mass map (`block_mass_from_lse`) runs the same loop and sums
+p = exp(sm_scale * q.k - lse) per block instead, divided by the block's valid rows.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.map_reference import (block_token_counts, check_map_args,
-                                          resolve_sm_scale)
+                                          check_mass_args, resolve_sm_scale)
 
-__all__ = ["sparsity_map_from_lse"]
+__all__ = ["sparsity_map_from_lse", "block_mass_from_lse"]
 
 
 def _precision(dtype):
@@ -53,8 +55,30 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
     float32 [B, H, n, n]; NaN for blocks not in the table.
   """
   del interpret
-  b_, s_, h_, d_, n = check_map_args(q, k, lse, table, block_size=block_size,
-                                     threshold=threshold)
+  check_map_args(q, k, lse, table, block_size=block_size, threshold=threshold)
+  return _map(q, k, lse, table, block_size=block_size, sm_scale=sm_scale,
+              threshold=threshold)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "interpret"))
+def block_mass_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
+                        table: Any = None, *, block_size: int,
+                        sm_scale: Optional[float] = None,
+                        interpret: bool = False) -> jax.Array:
+  """Block mass map M float32 [B, H, n, n]: M[i, j] = sum of p = exp(sm_scale q.k
+  - lse) over block (i, j), divided by the valid rows of query block i (rows sum
+  to 1 over the active blocks). Args as `sparsity_map_from_lse` without the
+  threshold; NaN for blocks not in the table."""
+  del interpret
+  check_mass_args(q, k, lse, table, block_size=block_size)
+  return _map(q, k, lse, table, block_size=block_size, sm_scale=sm_scale, threshold=None)
+
+
+def _map(q, k, lse, table, *, block_size, sm_scale, threshold):
+  """The shared query-block loop; threshold None = the mass map."""
+  b_, s_, h_, d_ = q.shape
+  n = -(-s_ // block_size)
+  mass = threshold is None
   if q.dtype != k.dtype:
     raise ValueError(f"q and k must have the same dtype, got {q.dtype}, {k.dtype}")
   bs = block_size
@@ -67,10 +91,20 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
   qt = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   kt = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   tok_valid = jnp.arange(sp) < s_
-  # Per-row bound on the scaled score; padded rows get -inf (never below).
-  bound = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, pad)))
-  bound = jnp.where(tok_valid, bound + math.log(threshold), -jnp.inf)
+  lse = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, pad)))
+  if mass:
+    # Per-row offset of the scaled score; padded and empty rows get +inf (no mass).
+    bound = jnp.where(tok_valid & jnp.isfinite(lse), lse, jnp.inf)
+  else:
+    # Per-row bound on the scaled score; padded rows get -inf (never below).
+    bound = jnp.where(tok_valid, lse + math.log(threshold), -jnp.inf)
   nv = jnp.asarray(block_token_counts(s_, bs))                       # [n]
+
+  def stat(s, ti):
+    """Per-entry statistic of scaled scores s against the row values ti."""
+    if mass:
+      return jnp.exp(s - ti)
+    return (s < ti).astype(jnp.float32)
 
   def query_block(i):
     qi = jax.lax.dynamic_slice_in_dim(qt, i * bs, bs, axis=2)         # [B,H,b,D]
@@ -78,11 +112,11 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
     if table is None:
       s = jnp.einsum("bhqd,bhkd->bhqk", qi, kt, precision=prec,
                      preferred_element_type=jnp.float32) * scale      # [B,H,b,Sp]
-      below = s < ti[..., None]
+      x = stat(s, ti[..., None])
       if pad:
-        below = below & tok_valid
-      cnt = below.reshape(b_, h_, bs, n, bs).sum(axis=(2, 4), dtype=jnp.float32)
-      return cnt / (nv[i] * nv)                                       # [B,H,n]
+        x = jnp.where(tok_valid, x, 0.0)
+      tot = x.reshape(b_, h_, bs, n, bs).sum(axis=(2, 4))
+      return tot / (nv[i] if mass else nv[i] * nv)                    # [B,H,n]
 
     idx = jax.lax.dynamic_index_in_dim(table_idx, i, axis=2, keepdims=False)
     cnt_i = jax.lax.dynamic_index_in_dim(table_cnt, i, axis=2, keepdims=False)
@@ -90,12 +124,12 @@ def sparsity_map_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array,
                              mode="clip")                             # [B,H,w,b,D]
     s = jnp.einsum("bhqd,bhwkd->bhqwk", qi, kg, precision=prec,
                    preferred_element_type=jnp.float32) * scale        # [B,H,b,w,b]
-    below = s < ti[..., None, None]
+    x = stat(s, ti[..., None, None])
     if pad:
       colv = jnp.take(tok_valid.reshape(n, bs), idx, axis=0, mode="clip")
-      below = below & colv[:, :, None]                                # [B,H,w,b]
-    cnt = below.sum(axis=(2, 4), dtype=jnp.float32)                   # [B,H,w]
-    frac = cnt / (nv[i] * jnp.take(nv, idx, mode="clip"))
+      x = jnp.where(colv[:, :, None], x, 0.0)                         # [B,H,w,b]
+    tot = x.sum(axis=(2, 4))                                          # [B,H,w]
+    frac = tot / (nv[i] if mass else nv[i] * jnp.take(nv, idx, mode="clip"))
     active = jnp.arange(w, dtype=jnp.int32) < cnt_i[..., None]
     dest = jnp.where(active, idx, n)                                  # n: dropped
     row = jnp.full((b_, h_, n), jnp.nan, jnp.float32)

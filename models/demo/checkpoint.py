@@ -4,8 +4,11 @@ A demo export is three files side by side:
   demo.safetensors + demo.json   the EMA DiT in bfloat16 (`models.wan.save_params`)
   demo_labels.safetensors        the label table label -> [TEXT_LEN, TEXT_DIM] context
                                  tokens (last row: the null label of classifier-free
-                                 guidance), with the demo's video sizes and sampling
-                                 defaults as safetensors metadata
+                                 guidance), with the demo's video sizes, sampling
+                                 defaults and data version as safetensors metadata;
+                                 `benchmarks/demo_shapes.py --pick-default` adds
+                                 default_label / default_seed (a CLI sample that
+                                 shows its shapes) with `update_metadata`
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def export_demo(path, config: WanConfig, params, *, frames: int, height: int, wi
   save_params(ship_config, bf16(params["dit"]), path)
   metadata = {"frames": frames, "height": height, "width": width,
               "num_classes": NUM_CLASSES, "null_label": NULL_LABEL,
+              "data_version": data.DATA_VERSION,
               "text_len": int(params["label_embedding"].shape[1]),
               **DEMO_SAMPLING, **(extra_metadata or {})}
   save_file({"label_embedding": bf16(params["label_embedding"])}, path.parent / LABELS_FILE,
@@ -75,3 +79,19 @@ def load_demo_params(path, **overrides) -> tuple[WanConfig, dict, dict]:
     metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
   params = {"dit": dit, "label_embedding": jnp.asarray(table, jnp.float32)}
   return config, params, metadata
+
+
+def update_metadata(path, updates: dict) -> dict:
+  """Merge `updates` (json-able values) into the metadata of the label table beside
+  the export `path`; returns the new metadata. The tensors are rewritten unchanged."""
+  labels_file = Path(path).parent / LABELS_FILE
+  if not labels_file.exists():
+    raise FileNotFoundError(f"demo label table {str(labels_file)!r} does not exist")
+  with safe_open(labels_file, framework="np") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+  metadata.update(updates)
+  tmp = labels_file.with_suffix(".tmp")
+  save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
+  os.replace(tmp, labels_file)
+  return metadata

@@ -7,8 +7,9 @@ Content of one video [3, F, H, W] in [-1, 1] (RGB, pixel space):
   - a background of two low-frequency plane waves in muted colours whose phase
     drifts slowly with time (a slowly moving texture, never static);
   - one to three shapes (circle, square, triangle), anti-aliased through a smooth
-    signed distance (alpha = clip(0.5 - sdf_in_pixels, 0, 1)), in distinct
-    saturated colours, composited back to front in a random depth order, so they
+    signed distance (alpha = clip(0.5 - sdf_in_pixels, 0, 1)), each in its own
+    saturated colour (SHAPE_COLORS: a red circle, a green square, a blue
+    triangle), composited back to front in a random depth order, so they
     occlude each other;
   - the shapes move with constant velocity and reflect off the walls, except in
     the "gravity" motion where they fall and bounce on the floor (parabolic arcs).
@@ -19,8 +20,15 @@ The label (the "prompt") fixes what is in the video and how it moves:
     shapes are present (each at most once);
   motion in [0, 4): MOTIONS = horizontal, vertical, diagonal, gravity (all the
     shapes of a video share the motion type; direction and speed are per shape).
-The key draws everything else: positions, sizes, speeds, directions, colours,
-depth order, background. To denoise well, a model must look within a frame (shape
+The key draws everything else: positions, sizes, speeds, directions, shades,
+depth order, background. The ranges are module constants (RADIUS, SPEED, ...),
+which `benchmarks/demo_shapes.py` reads to judge sampled videos.
+
+DATA_VERSION 2 (this file): the colour follows the shape, the shapes are a little
+larger, the gravity arcs gentler and the background fainter than in version 1,
+where every video drew its colours at random from all of PALETTE, so a label did
+not say what its shapes look like (the first demo model, 1.8M parameters, mixed
+colours within one shape and let shapes fade, split and wrap around the frame). To denoise well, a model must look within a frame (shape
 identity and colour, occlusion) and across frames (each shape's trajectory), so
 the trained DiT has both spatial and temporal attention structure.
 
@@ -39,6 +47,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+DATA_VERSION = 2
+
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("horizontal", "vertical", "diagonal", "gravity")
 NUM_SHAPES = len(SHAPES)
@@ -46,9 +56,9 @@ NUM_SHAPE_SETS = 2**NUM_SHAPES - 1  # non-empty subsets of SHAPES
 NUM_MOTIONS = len(MOTIONS)
 NUM_CLASSES = NUM_SHAPE_SETS * NUM_MOTIONS  # 28
 
-# Saturated object colours, RGB in [-1, 1]; a video takes a random subset, so the
-# shapes of one video always have distinct colours. The background stays muted
-# and dark (see _background), so the objects stand out from it.
+# Saturated object colours, RGB in [-1, 1]. Data version 1 drew each video's
+# colours from all of PALETTE; version 2 gives shape i the colour SHAPE_COLORS[i].
+# The background stays muted and dark (see _background), so the objects stand out.
 PALETTE = jnp.array([
     [1.0, -0.8, -0.8],   # red
     [-0.8, 0.9, -0.8],   # green
@@ -59,6 +69,19 @@ PALETTE = jnp.array([
     [1.0, 1.0, 1.0],     # white
     [1.0, 0.25, -0.9],   # orange
 ], jnp.float32)
+SHAPE_COLORS = PALETTE[jnp.array([0, 1, 2])]   # circle red, square green, triangle blue
+
+# Ranges of the random draws (fractions of min(height, width) unless noted).
+RADIUS = (0.13, 0.18)          # circle radius; square / triangle matched in size
+SPEED = (0.035, 0.075)         # per frame, along the motion direction
+SHADE = (0.85, 1.0)            # colour = SHAPE_COLORS[i] * shade
+GRAVITY_PERIOD = (9.0, 15.0)   # frames between floor bounces
+GRAVITY_APEX = (0.35, 0.8)     # bounce height, fraction of the free vertical range
+GRAVITY_SIDEWAYS = 0.6         # horizontal speed factor of the gravity motion
+BG_BASE = (-0.65, -0.25)       # background level per channel
+BG_AMPLITUDE = (0.04, 0.14)    # per wave and channel
+# (vy, vx) unit directions per motion type; gravity moves sideways and falls.
+DIRECTIONS = ((0.0, 1.0), (1.0, 0.0), (0.7071, 0.7071), (0.0, GRAVITY_SIDEWAYS))
 
 
 def label_of(shape_set, motion):
@@ -126,34 +149,33 @@ def scene_for_label(key, label, frames: int, height: int, width: int) -> Scene:
   between = lambda x, lo, hi: lo + (hi - lo) * x
   size = float(min(height, width))
 
-  radius = size * between(u["radius"], 0.11, 0.17)
+  radius = size * between(u["radius"], *RADIUS)
   lo = jnp.stack([radius, radius], -1)                                     # [N, 2]
   hi = jnp.stack([height - radius, width - radius], -1)
   start = lo + (hi - lo) * u["start"]
-  speed = size * between(u["speed"], 0.035, 0.075)
+  speed = size * between(u["speed"], *SPEED)
   sign = jnp.where(u["sign"] < 0.5, 1.0, -1.0)
-  # (vy, vx) unit directions per motion type; gravity moves sideways and falls.
-  directions = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.7071, 0.7071], [0.0, 0.6]])
-  velocity = directions[motion] * speed[:, None] * sign                  # [N, 2]
+  velocity = jnp.array(DIRECTIONS)[motion] * speed[:, None] * sign        # [N, 2]
   t = jnp.arange(frames, dtype=jnp.float32)[:, None, None]
   free = _fold(start + velocity * t, lo, hi)                              # [F, N, 2]
   # Gravity: elastic bounces on the floor, period P frames, apex height A.
-  period = between(u["period"], 7.0, 13.0)
-  apex = (hi[:, 0] - lo[:, 0]) * between(u["apex"], 0.45, 0.9)
+  period = between(u["period"], *GRAVITY_PERIOD)
+  apex = (hi[:, 0] - lo[:, 0]) * between(u["apex"], *GRAVITY_APEX)
   phase = jnp.mod(t[..., 0] / period + u["phase"], 1.0)                  # [F, N]
   fall_y = hi[:, 0] - 4.0 * apex * phase * (1.0 - phase)
   centers = jnp.where(motion == 3, free.at[..., 0].set(fall_y), free)
 
-  colors = PALETTE[jnp.argsort(u["palette"])[:n]] * between(u["shade"], 0.8, 1.0)[:, None]
+  del u["palette"]  # (version 1's colour draw; kept so the other draws stay put)
+  colors = SHAPE_COLORS * between(u["shade"], *SHADE)[:, None]
   depth = jnp.argsort(u["depth"]).astype(jnp.int32)
 
-  bg_base = between(u["bg_base"], -0.65, -0.25)
+  bg_base = between(u["bg_base"], *BG_BASE)
   angle = 2 * jnp.pi * u["angle"]
   freq = between(u["freq"], 0.6, 2.0)                                     # cycles per frame size
   drift = between(u["drift"], 0.08, 0.25) * jnp.array([1.0, -1.0])        # radians per frame
   phase0 = 2 * jnp.pi * u["phase0"]
   bg_waves = jnp.stack([freq * jnp.sin(angle), freq * jnp.cos(angle), drift, phase0], -1)
-  bg_colors = between(u["bg_colors"], 0.05, 0.2)
+  bg_colors = between(u["bg_colors"], *BG_AMPLITUDE)
   return Scene(centers=centers, radius=radius, colors=colors, present=present, depth=depth,
                bg_base=bg_base, bg_waves=bg_waves, bg_colors=bg_colors)
 

@@ -3,7 +3,10 @@
     python -m models.demo.train --out DIR --minutes 8
 
 Runs until --minutes of wall time (from process start, compile included) or
---total-steps, then checkpoints and exports the EMA params (render samples of
+--total-steps, then checkpoints and exports the EMA params. With --fit-schedule the
+cosine learning-rate schedule is re-planned from the measured throughput so that
+it ends when the time budget does (whatever the model size and the card), never
+past --total-steps (render samples of
 the export with `python -m modjax sample --model DIR/demo.safetensors`). Re-running with the same --out resumes from DIR (params, EMA, optimizer
 state, step, rng, loss curve); the saved training config wins over the flags,
 except --total-steps (to extend a run) and the time budget. So a long run is a
@@ -61,13 +64,20 @@ DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH = 16, 32, 32
 
 
 def demo_config(**overrides) -> WanConfig:
-  """The demo DiT: pixel space (3 channels), patch (1, 2, 2), 6 layers of dim 128,
-  2 heads of 64. At 16 x 32 x 32 pixels that is 16 * 16 * 16 = 4096 tokens
-  (32 blocks of 128 / 64 blocks of 64 per side), ~1.8M params (3.5 MB in bf16)."""
-  return WanConfig(**{**dict(in_channels=3, out_channels=3, dim=128, ffn_dim=512, num_heads=2,
-                             num_layers=6, text_dim=TEXT_DIM, patch_size=(1, 2, 2),
+  """The demo DiT: pixel space (3 channels), patch (1, 2, 2), 8 layers of dim 192,
+  3 heads of 64. At 16 x 32 x 32 pixels that is 16 * 16 * 16 = 4096 tokens
+  (32 blocks of 128 / 64 blocks of 64 per side), ~5.1M params (10 MB in bf16).
+  (The first demo, `demo_v1_config`, had 6 layers of dim 128: 1.8M params, too
+  few to draw the shapes reliably.)"""
+  return WanConfig(**{**dict(in_channels=3, out_channels=3, dim=192, ffn_dim=768, num_heads=3,
+                             num_layers=8, text_dim=TEXT_DIM, patch_size=(1, 2, 2),
                              freq_dim=256),
                       **overrides})
+
+
+def demo_v1_config(**overrides) -> WanConfig:
+  """The first shipped demo DiT: 6 layers of dim 128, 2 heads of 64 (1.8M params)."""
+  return demo_config(**{**dict(dim=128, ffn_dim=512, num_heads=2, num_layers=6), **overrides})
 
 
 def tiny_config(**overrides) -> WanConfig:
@@ -77,7 +87,7 @@ def tiny_config(**overrides) -> WanConfig:
                       **overrides})
 
 
-CONFIGS = {"demo": demo_config, "tiny": tiny_config}
+CONFIGS = {"demo": demo_config, "demo_v1": demo_v1_config, "tiny": tiny_config}
 
 
 # -------------------------------------------------------------- conditioning
@@ -160,17 +170,30 @@ class TrainState:
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
+def learning_rate(tc: TrainConfig, step, schedule_steps):
+  """Linear warm-up from 0 to tc.lr over tc.warmup_steps, then cosine decay to
+  tc.lr * end_lr_fraction at `schedule_steps` (optax's warmup_cosine_decay_schedule
+  with decay_steps = schedule_steps); step and schedule_steps may be traced."""
+  step = jnp.asarray(step, jnp.float32)
+  warm = float(max(tc.warmup_steps, 1))
+  total = jnp.maximum(jnp.asarray(schedule_steps, jnp.float32), warm + 1.0)
+  end = tc.lr * tc.end_lr_fraction
+  frac = jnp.clip((step - warm) / (total - warm), 0.0, 1.0)
+  cosine = end + (tc.lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+  return jnp.where(step < warm, tc.lr * step / warm, cosine)
+
+
 def make_optimizer(tc: TrainConfig):
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, tc.lr, tc.warmup_steps, max(tc.total_steps, tc.warmup_steps + 1),
-      end_value=tc.lr * tc.end_lr_fraction)
+  """AdamW without its learning rate (the update is scaled by `learning_rate` in
+  `_update`, so the schedule's length can change without a recompile)."""
   # Decay the matrices only (not norms, biases, modulation tables, the label table).
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
-  optimizer = optax.chain(
+  return optax.chain(
       optax.clip_by_global_norm(tc.grad_clip),
-      optax.adamw(schedule, b1=0.9, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask))
-  return optimizer, schedule
+      optax.scale_by_adam(b1=0.9, b2=tc.b2),
+      optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
+      optax.scale(-1.0))
 
 
 def init_state(tc: TrainConfig) -> TrainState:
@@ -178,7 +201,7 @@ def init_state(tc: TrainConfig) -> TrainState:
   k_init, k_train = jax.random.split(key)
   config = tc.dit_config()
   params = init_demo_params(config, k_init, tc.frames, tc.height, tc.width)
-  optimizer, _ = make_optimizer(tc)
+  optimizer = make_optimizer(tc)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      ema=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
                      rng=jax.random.key_data(k_train))
@@ -191,9 +214,9 @@ def _on_device(tree):
   return jax.device_put(tree, jax.devices()[0])
 
 
-def _update(tc: TrainConfig, state: TrainState, videos, labels, key):
+def _update(tc: TrainConfig, state: TrainState, videos, labels, key, schedule_steps):
   config = tc.dit_config()
-  optimizer, schedule = make_optimizer(tc)
+  optimizer = make_optimizer(tc)
   k_t, k_noise, k_drop = jax.random.split(key, 3)
   batch = videos.shape[0]
   t = sample_t(k_t, batch, tc)
@@ -202,23 +225,31 @@ def _update(tc: TrainConfig, state: TrainState, videos, labels, key):
   loss, grads = jax.value_and_grad(
       lambda p: flow_matching_loss(config, p, videos, labels, t, noise))(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  lr = learning_rate(tc, state.step, schedule_steps)
+  params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
   step = state.step + 1
   # EMA with a warm-up (the average of the first steps is not dominated by the init).
   decay = jnp.minimum(tc.ema_decay, (1.0 + step) / (10.0 + step))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
-  metrics = {"loss": loss, "grad_norm": _global_norm(grads), "lr": schedule(state.step)}
+  metrics = {"loss": loss, "grad_norm": _global_norm(grads), "lr": lr}
   return dataclasses.replace(state, step=step, params=params, ema=ema,
                              opt_state=opt_state), metrics
 
 
+def train_step(tc: TrainConfig, state: TrainState, schedule_steps=None):
+  """One step on a fresh batch generated on the device from the state's rng.
+  schedule_steps: the cosine's length (default tc.total_steps); a traced int, so
+  re-planning it does not recompile."""
+  steps = tc.total_steps if schedule_steps is None else schedule_steps
+  return _train_step(tc, state, jnp.asarray(steps, jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def train_step(tc: TrainConfig, state: TrainState):
-  """One step on a fresh batch generated on the device from the state's rng."""
+def _train_step(tc: TrainConfig, state: TrainState, schedule_steps):
   key = jax.random.wrap_key_data(state.rng)
   key, k_data, k_step = jax.random.split(key, 3)
   videos, labels = data.sample_batch(k_data, tc.batch_size, tc.frames, tc.height, tc.width)
-  state, metrics = _update(tc, state, videos, labels, k_step)
+  state, metrics = _update(tc, state, videos, labels, k_step, schedule_steps)
   return dataclasses.replace(state, rng=jax.random.key_data(key)), metrics
 
 
@@ -227,7 +258,7 @@ def train_step_on(tc: TrainConfig, state: TrainState, videos, labels):
   """One step on a given batch (tests: overfitting a fixed batch)."""
   key = jax.random.wrap_key_data(state.rng)
   key, k_step = jax.random.split(key)
-  state, metrics = _update(tc, state, videos, labels, k_step)
+  state, metrics = _update(tc, state, videos, labels, k_step, tc.total_steps)
   return dataclasses.replace(state, rng=jax.random.key_data(key)), metrics
 
 
@@ -391,6 +422,9 @@ def _parse(argv):
                       "orbax: an orbax folder")
   p.add_argument("--export", default=None,
                  help="path of the exported .safetensors (default DIR/demo.safetensors)")
+  p.add_argument("--fit-schedule", action="store_true",
+                 help="re-plan the cosine schedule from the measured throughput so it ends "
+                      "with the --minutes budget (at most --total-steps)")
   defaults = TrainConfig()
   for field in dataclasses.fields(TrainConfig):
     p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
@@ -439,6 +473,13 @@ def main(argv=None) -> int:
   last_ckpt_s = 2.0
   step = start_step = int(state.step)                     # host mirror of state.step
   pending, compiled_at, last_log = [], None, None
+  # The cosine's length: tc.total_steps, or (--fit-schedule) re-planned at each log
+  # from the throughput so that it ends with the budget; kept in the history.
+  planned = int(history.get("schedule_steps", tc.total_steps))
+
+  def replan(rate, now):
+    remaining = budget - (now - _T0) - reserve - last_ckpt_s - 5.0
+    return int(min(tc.total_steps, max(step, step + rate * remaining)))
 
   def log(pending):
     fetched = jax.device_get(pending)
@@ -451,8 +492,8 @@ def main(argv=None) -> int:
     history["time"].append(now - _T0)
     return now
 
-  while step < tc.total_steps and not stop["signal"]:
-    state, metrics = train_step(tc, state)
+  while step < min(tc.total_steps, planned) and not stop["signal"]:
+    state, metrics = train_step(tc, state, planned)
     step += 1
     if compiled_at is None:
       jax.block_until_ready(metrics)
@@ -462,13 +503,17 @@ def main(argv=None) -> int:
             f"{compiled_at - _T0:.1f}s since start)", flush=True)
       continue
     pending.append(metrics)
-    if len(pending) < args.log_every and step < tc.total_steps:
+    if len(pending) < args.log_every and step < min(tc.total_steps, planned):
       continue
     now = log(pending)
     rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+    if args.fit_schedule and step >= 2 * args.log_every:
+      planned = replan(rate, now)
+      history["schedule_steps"] = planned
     print(f"step {step:6d} loss {history['loss'][-1]:.4f} grad_norm {history['grad_norm'][-1]:.3f} "
           f"lr {history['lr'][-1]:.2e} | {rate:.2f} steps/s {rate * tc.batch_size:.1f} samples/s "
-          f"| {now - _T0:.0f}s", flush=True)
+          f"| {now - _T0:.0f}s" + (f" | schedule ends at step {planned}" if args.fit_schedule else ""),
+          flush=True)
     crossed = lambda every: step // every > last_log[1] // every
     if crossed(args.eval_every):
       history["eval_step"].append(step)
@@ -481,7 +526,7 @@ def main(argv=None) -> int:
       print(f"checkpoint step {step} ({fmt}, {last_ckpt_s:.1f}s)", flush=True)
     pending, last_log = [], (time.time(), step)
     if time.time() - _T0 + args.log_every / max(rate, 1e-9) + reserve + last_ckpt_s > budget:
-      break
+      break  # the budget is a hard limit (a fitted schedule ends about here anyway)
   if pending:
     log(pending)
   jax.block_until_ready(state)
@@ -503,7 +548,9 @@ def main(argv=None) -> int:
   checkpoint.export_demo(export, config, state.ema, frames=tc.frames, height=tc.height,
                          width=tc.width,
                          extra_metadata={"train_step": step,
-                                         "eval_loss": history["eval_loss"][-1]})
+                                         "eval_loss": history["eval_loss"][-1],
+                                         "model": tc.model,
+                                         "train_seconds": round(time.time() - _T0, 1)})
   print(f"exported EMA params (bf16) to {export} (+ .json, {checkpoint.LABELS_FILE}): "
         f"{os.path.getsize(export) / 1e6:.2f} MB", flush=True)
   files = sorted(p.name for p in out.iterdir() if p.is_file())

@@ -90,60 +90,142 @@ def test_recall_by_kind():
 
 
 def test_default_sweep_is_scaled_and_ordered():
-  runs = quality.default_sweep(25, 128)
-  assert (runs[0].top_k, runs[0].warmup_steps, runs[0].interval, runs[0].refresh) == (0.12, 6, 5, "dense")
-  assert len(runs) == 10 and len(set(runs)) == 10
+  runs = quality.default_sweep(25, 128, 32)
+  assert [(r.top_k, r.warmup_steps, r.interval, r.refresh, r.preset) for r in runs[:3]] == [
+      (0.08, 6, 5, "sparse", "ours"), (0.05, 6, 5, "sparse", "ours"), (0.12, 6, 5, "sparse", "ours")]
+  # README top_k 350 of 1619 lines at n = 540 -> 21 of 95 at n = 32; reference beside ours
+  assert (runs[3].preset, runs[3].top_k, runs[3].refresh) == ("reference", 21, "dense")
+  assert (runs[4].preset, runs[4].top_k) == ("ours", 21)
+  assert isinstance(runs[3].config(), type(runs[4].config()))
+  assert runs[3].config().first_mask == "last_map" and runs[4].config().first_mask == "extrapolate"
+  # run_wan.sh: top_k 80 -> 5 lines, W 10/50 -> 5, T 15/50 -> 8, layer 0 dense
+  wan = runs[5]
+  assert (wan.preset, wan.top_k, wan.warmup_steps, wan.interval, wan.dense_layers) == (
+      "reference", 5, 5, 8, 1)
+  assert wan.config().dense_layers == 1 and "run_wan.sh" in wan.label
+  assert len(runs) == 9 and len({r.label for r in runs}) == 9
   base = quality.baselines_for(runs[0], 0.8)
-  assert [b[0] for b in base] == ["oracle", "static_window", "warmup_reuse"]
+  assert [b[0] for b in base] == ["static_window", "warmup_reuse"]
   assert base[0][2].density == pytest.approx(0.2) and base[0][2].warmup_steps == 6
+  assert base[1][2].refresh == "none" and base[1][2].top_k == 0.08
   assert quality.baselines_for(runs[1], 0.8012)[0][1] == base[0][1]   # shared by near-equal sparsity
+  assert quality.scaled_top_k(350, 540) == 350 and quality.scaled_top_k(1, 32) == 1
+
+
+def test_oracle_is_matched_per_row():
+  row = dict(sparsity_post_warmup=0.785, block_size=128, warmup_steps=6, dense_layers=1)
+  family, label, config, fields = quality.oracle_for(row, 32)
+  assert family == "oracle" and fields["keep_per_row"] == 7 and config.density == 7 / 32
+  assert config.dense_layers == 1 and "7/32" in label
+  assert quality.oracle_keep(0.001, 32) == 1 and quality.oracle_keep(1.0, 32) == 32
+
+
+def test_paired_statistics():
+  a, b = np.array([10.0, 12.0, 11.0, 13.0]), np.array([9.0, 10.0, 10.5, 11.0])
+  p = quality.paired(a, b)
+  d = a - b
+  assert p["n"] == 4 and p["mean"] == pytest.approx(d.mean())
+  assert p["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / 2.0))
+  assert p["diff_per_seed"] == [1.0, 2.0, 0.5, 2.0]
+  assert quality.paired(a, a)["t"] == 0.0
+  assert quality.paired(a + 1, a)["t"] == quality.T_UNBOUNDED
+  assert quality.paired(b, a)["t"] < 0
+
+
+def _row(method, family, psnr, post, **kw):
+  return dict(method=method, family=family, psnr_per_seed=list(psnr), sparsity_post_warmup=post,
+              warmup_steps=6, block_size=128, **kw)
+
+
+def test_comparisons_and_verdicts():
+  rng = np.random.default_rng(0)
+  base = rng.normal(20, 2, size=16)
+  mod = "mod k0.08 W6 T5 sparse-refresh"
+  rows = [
+      _row(mod, "mod_sparse_refresh", base + 1 + 0.1 * rng.normal(size=16), 0.78, top_k=0.08,
+           interval=5, refresh="sparse"),
+      _row("static window d0.22 W6", "static_window", base, 0.78, matched_to=mod),
+      _row("warm-up reuse k0.08 W6 T5", "warmup_reuse", base + 0.5 + 0.1 * rng.normal(size=16), 0.78,
+           matched_to=mod),
+      _row("mass oracle 7/32 W6", "oracle", base + 3, 1 - 7 / 32, keep_per_row=7),
+  ]
+  comps = quality.compare(rows, 32)
+  kinds = sorted(c["kind"] for c in comps)
+  assert kinds == ["mod_vs_static_window", "mod_vs_warmup_reuse"] + ["oracle_vs_method"] * 3
+  v = quality.verdicts(rows, comps)
+  assert v["mod_beats_baselines"]["passed"] and v["oracle_upper_bound"]["passed"]
+  text = "\n".join(quality.verdict_lines(dict(verdicts=v)))
+  assert "beats both static window and warm-up reuse at matched sparsity with a paired t >= 2" in text
+  assert "the mass oracle not below any other method at the same density beyond noise" in text
+  assert text.count("PASS") == 2
+  # a baseline that wins, and an oracle below a method: both verdicts fail
+  rows[2]["psnr_per_seed"] = list(base + 2)
+  rows[3]["psnr_per_seed"] = list(base + 0.5 + 0.1 * rng.normal(size=16))
+  v = quality.verdicts(rows, quality.compare(rows, 32))
+  assert not v["mod_beats_baselines"]["passed"] and not v["oracle_upper_bound"]["passed"]
+  # below 75% sparsity a MOD run does not qualify: no run, no pass
+  rows[0]["sparsity_post_warmup"] = 0.7
+  v = quality.verdicts(rows, quality.compare(rows, 32))
+  assert not v["mod_beats_baselines"]["passed"] and v["mod_beats_baselines"]["runs"] == []
 
 
 # ---------------------------------------------------------------------- smoke
 
 def test_run_quality_smoke_on_tiny(tmp_path):
+  """The reference preset with layer 0 dense, its baselines and the mass oracles."""
   model = pipelines.load_model("tiny")
   setup = quality.Setup(frames=8, height=16, width=16, steps=4, guidance_scale=4.0, shift=3.0)
-  run = quality.ModRun(top_k=0.3, warmup_steps=2, interval=2, refresh="dense", block_size=64)
+  ref = quality.ModRun(top_k=0.3, warmup_steps=2, interval=2, refresh="dense", block_size=64,
+                       preset="reference", dense_layers=1)
   updates = []
-  result = quality.run_quality(model, setup, [(0, 0), (1, 0)], [run], batch=2,
+  result = quality.run_quality(model, setup, [(0, 0), (1, 0)], [ref], batch=2,
+                               record_recall=False,
                                on_update=lambda r, v, final=False: updates.append(final),
                                log=lambda s: None)
   assert not result["errors"], result["errors"]
   assert result["complete"] and updates[-1] is True
-  assert [r["family"] for r in result["rows"]] == [
-      "mod_dense_refresh", "oracle", "static_window", "warmup_reuse"]
+  families = [r["family"] for r in result["rows"]]
+  assert families[:4] == ["reference_dense_refresh", "static_window", "warmup_reuse", "oracle"]
   for r in result["rows"]:
     assert r["seeds"] == 2 and len(r["psnr_per_seed"]) == 2
     assert np.isfinite(r["psnr"]) and -1.0 <= r["ssim"] <= 1.0
-    assert 0.0 < r["sparsity"] < 1.0
-    assert r["step_kinds"] in ("MMSR", "DDSS", "MMSS")
+    assert 0.0 < r["sparsity_post_warmup"] < 1.0
+    assert r["dense_layers"] == 1
   mod = result["rows"][0]
-  if result["mask_recall_recorded"]:
-    assert set(mod["mask_recall"]) == {"sparse", "refresh"}
-    assert mod["mask_recall"]["refresh"] == pytest.approx(1.0)   # dense refresh
-    assert 0.0 < mod["mask_recall"]["sparse"] <= 1.0 + 1e-6
-  oracle = result["rows"][1]
-  assert oracle["density"] == pytest.approx(1.0 - mod["sparsity"], abs=0.0051)  # rounded to 0.01
+  assert mod["step_kinds"] == "DMSR"      # W-2 runs dense: their first fit is zero
+  oracle = result["rows"][3]
+  n = 8  # 512 tokens in blocks of 64
+  assert oracle["keep_per_row"] == quality.oracle_keep(1 - mod["sparsity_post_warmup"], n)
+  # layer 0 of 2 dense, the other at keep / n
+  assert oracle["sparsity_post_warmup"] == pytest.approx(0.5 * (1 - oracle["keep_per_row"] / n))
+  kinds = {c["kind"] for c in result["comparisons"]}
+  assert {"mod_vs_static_window", "mod_vs_warmup_reuse", "oracle_vs_method"} <= kinds
+  for c in result["comparisons"]:
+    assert len(c["diff_per_seed"]) == 2
+  assert set(result["verdicts"]) == {"mod_beats_baselines", "oracle_upper_bound"}
+  assert result["verdicts"]["mod_beats_baselines"]["runs"] == []   # no ours-sparse run here
   text = json.dumps(result)           # the JSON is plain (no NaN/inf)
   assert "NaN" not in text and "Infinity" not in text
-  assert "oracle" in quality.table(result)
+  assert "mass oracle" in quality.table(result)
 
 
-def test_cli_writes_json_plot_and_gif(tmp_path, capsys):
-  rc = quality.main(["--model", "tiny", "--pairs", "2", "--batch", "1", "--steps", "4",
-                     "--frames", "8", "--block-size", "64", "--top-k", "0.3", "--refresh", "dense",
-                     "--no-variants", "--no-recall", "--out-dir", str(tmp_path)])
+def test_cli_writes_json_plot_gif_and_verdicts(tmp_path, capsys):
+  rc = quality.main(["--model", "tiny", "--seeds", "2", "--batch", "2", "--steps", "4",
+                     "--frames", "8", "--block-size", "64", "--top-k", "0.3", "--quick",
+                     "--runs", "1", "--no-oracles", "--no-recall", "--out-dir", str(tmp_path)])
   assert rc == 0
   files = sorted(os.listdir(tmp_path))
   json_files = [f for f in files if f.startswith("quality-") and f.endswith(".json")]
   assert len(json_files) == 1, files
   with open(tmp_path / json_files[0]) as f:
     result = json.load(f)
-  assert result["kind"] == "quality" and result["model"] == "tiny" and len(result["rows"]) == 4
-  assert {"card", "jax", "date"} <= result.keys()
+  assert result["kind"] == "quality" and result["model"] == "tiny"
+  assert [r["family"] for r in result["rows"]] == ["mod_sparse_refresh", "static_window",
+                                                    "warmup_reuse"]
+  assert {"card", "jax", "date", "comparisons", "verdicts"} <= result.keys()
   assert "demo_dense_vs_mod.gif" in files
   if importlib.util.find_spec("matplotlib") is not None:
     assert "quality_sparsity_psnr.png" in files
-  out = capsys.readouterr().out
-  assert out.rstrip().splitlines()[-1].startswith("warm-up reuse")  # the table comes last
+  out = capsys.readouterr().out.rstrip().splitlines()
+  verdicts = [line for line in out if line.startswith("VERDICT")]
+  assert len(verdicts) == 2 and all(v.endswith(("PASS", "FAIL")) for v in verdicts)

@@ -1,6 +1,7 @@
-"""Baseline masks: static spatio-temporal window and the oracle top-k blocks."""
+"""Baseline masks: static spatio-temporal window and the mass oracle (top mass per row)."""
 
 import itertools
+import zlib
 
 import chex
 import jax
@@ -92,51 +93,104 @@ def test_static_window_rejects_bad_radii(bad):
     M.static_window_for_density(10, 2, 1.5)
 
 
+def _seeded(*key):
+  return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _loop_top_mass(mass, k):
+  """Brute force: per row, the diagonal, then the k - 1 largest other masses
+  (lower column first on ties, NaN last)."""
+  n = mass.shape[-1]
+  flat = mass.reshape(-1, n, n)
+  out = np.zeros(flat.shape, bool)
+  for h, i in itertools.product(range(flat.shape[0]), range(n)):
+    row = np.where(np.isnan(flat[h, i]), -np.inf, flat[h, i])
+    others = [j for j in range(n) if j != i]
+    order = sorted(others, key=lambda j: (-row[j], j))
+    out[h, i, [i] + order[:k - 1]] = True
+  return out.reshape(mass.shape)
+
+
 @pytest.mark.parametrize("lead", [(), (3,), (2, 2)])
-@pytest.mark.parametrize("keep", [1, 7, 0.3, 1.0])
-def test_oracle_keeps_the_smallest_blocks(lead, keep):
-  n = 9
-  s = _rng("oracle", lead, keep).uniform(size=lead + (n, n)).astype(np.float32)
-  got = np.asarray(M.topk_blocks_mask(jnp.asarray(s), keep))
+@pytest.mark.parametrize("n,keep", [(9, 1), (9, 4), (7, 0.3), (5, 1.0), (6, 99)])
+def test_oracle_keeps_the_most_mass_per_row(lead, n, keep):
+  mass = _seeded("mass", lead, n, keep).dirichlet(np.ones(n), size=lead + (n,)).astype(np.float32)
+  got = np.asarray(M.top_mass_row_mask(jnp.asarray(mass), keep))
   chex.assert_shape(got, lead + (n, n))
-  k = M.resolve_block_count(keep, n)
-  flat = s.reshape((-1, n * n))
-  kth = np.sort(flat, axis=-1)[:, k - 1].reshape(lead + (1, 1))
-  np.testing.assert_array_equal(got, (s <= kth) | np.eye(n, dtype=bool))
-  without_guard = got & ~np.eye(n, dtype=bool)
-  assert (without_guard.reshape(-1, n * n).sum(-1) <= k).all()
+  k = M.resolve_row_count(keep, n)
+  np.testing.assert_array_equal(got, _loop_top_mass(mass, k))
+  assert (got.sum(-1) == k).all()                       # the same budget in every row
+  assert got[..., np.arange(n), np.arange(n)].all()     # the guard is one of them
+  off = ~np.eye(n, dtype=bool)
+  kept_min = np.where(got & off, mass, np.inf).min(-1)
+  dropped_max = np.where(~got & off, mass, -np.inf).max(-1)
+  assert (kept_min >= dropped_max).all()
+
+
+def test_oracle_mask_holds_more_mass_than_any_other_mask_of_its_row_counts():
+  rng = _seeded("beats")
+  n, k = 12, 4
+  mass = rng.dirichlet(np.full(n, 0.3), size=(2, 3, n)).astype(np.float32)
+  oracle = np.asarray(M.top_mass_row_mask(jnp.asarray(mass), k))
+  for _ in range(20):
+    other = np.zeros_like(oracle)
+    for idx in np.ndindex(oracle.shape[:-1]):
+      i = idx[-1]
+      pick = rng.choice([j for j in range(n) if j != i], k - 1, replace=False)
+      other[idx + (i,)] = True
+      other[idx][pick] = True
+    assert (np.where(oracle, mass, 0).sum(-1) >= np.where(other, mass, 0).sum(-1) - 1e-6).all()
 
 
 def test_oracle_ties_nan_and_guard():
   n = 4
-  s = np.full((n, n), 0.5, np.float32)
-  s[3, 0] = np.nan
-  got = np.asarray(M.topk_blocks_mask(jnp.asarray(s), 3))
+  mass = np.full((n, n), 0.25, np.float32)
+  mass[0, 1] = np.nan                                   # a block a sparse map skipped
+  got = np.asarray(M.top_mass_row_mask(jnp.asarray(mass), 2))
   want = np.eye(n, dtype=bool)
-  want[0, :3] = True  # equal values: lowest row-major indices
+  want[0, 2] = True                                     # NaN last, then the lower column
+  want[1, 0] = want[2, 0] = want[3, 0] = True
   np.testing.assert_array_equal(got, want)
-  s = np.zeros((n, n), np.float32)
-  s[:, 1] = np.nan  # blocks a sparse map skipped
-  got = np.asarray(M.topk_blocks_mask(jnp.asarray(s), n * n - n))
-  np.testing.assert_array_equal(got[:, 1], np.eye(n, dtype=bool)[:, 1])
+  mass = np.zeros((n, n), np.float32)
+  mass[:, 3] = 1.0                                      # even where the diagonal has no mass
+  got = np.asarray(M.top_mass_row_mask(jnp.asarray(mass), 1))
+  np.testing.assert_array_equal(got, np.eye(n, dtype=bool))
+
+
+def test_mass_oracle_mask_of_q_k():
+  """End to end: the dense mass map of q, k, then the per-row top mass."""
+  from pallas_kernels import map_reference
+  kq, kk = jax.random.split(jax.random.key(4))
+  q = 2.0 * jax.random.normal(kq, (2, 150, 2, 64))
+  k = jax.random.normal(kk, (2, 150, 2, 64))
+  got = np.asarray(M.mass_oracle_mask(q, k, 0.5, block_size=64, implementation="xla"))
+  mass = np.asarray(map_reference.block_mass_map_reference(q, k, block_size=64))
+  np.testing.assert_array_equal(got, _loop_top_mass(mass, 2))
 
 
 def test_oracle_jits_with_static_keep():
-  fn = jax.jit(M.topk_blocks_mask, static_argnums=1)
-  s = jnp.asarray(_rng("ojit").uniform(size=(2, 3, 8, 8)), jnp.float32)
-  np.testing.assert_array_equal(fn(s, 0.25), M.topk_blocks_mask(s, 0.25))
-  np.testing.assert_allclose(M.mask_density(fn(s, 64)), np.ones((2, 3)))
+  fn = jax.jit(M.top_mass_row_mask, static_argnums=1)
+  m = jnp.asarray(_seeded("ojit").uniform(size=(2, 3, 8, 8)), jnp.float32)
+  np.testing.assert_array_equal(fn(m, 0.25), M.top_mass_row_mask(m, 0.25))
+  np.testing.assert_allclose(M.mask_density(fn(m, 8)), np.ones((2, 3)))
 
 
-@pytest.mark.parametrize("keep,want", [(0.5, 50), (1.0, 100), (0.001, 1), (150, 100), (3, 3)])
-def test_resolve_block_count(keep, want):
-  assert M.resolve_block_count(keep, 10) == want
+@pytest.mark.parametrize("keep,want", [(0.5, 5), (1.0, 10), (0.001, 1), (150, 10), (3, 3), (0.26, 3)])
+def test_resolve_row_count(keep, want):
+  assert M.resolve_row_count(keep, 10) == want
 
 
 @pytest.mark.parametrize("keep", [0, 0.0, 1.2, True, "x"])
-def test_resolve_block_count_rejects(keep):
+def test_resolve_row_count_rejects(keep):
   with pytest.raises(ValueError, match="keep"):
-    M.resolve_block_count(keep, 10)
+    M.resolve_row_count(keep, 10)
+
+
+def test_top_mass_rejects_bad_maps():
+  with pytest.raises(ValueError, match="mass must be"):
+    M.top_mass_row_mask(jnp.zeros((3, 4)), 1)
+  with pytest.raises(ValueError, match="float"):
+    M.top_mass_row_mask(jnp.zeros((4, 4), jnp.int32), 1)
 
 
 def test_mask_density():

@@ -112,3 +112,22 @@ def test_anti_aliased_edges():
   radius = float(scene.radius[0])
   # Fully covered pixels ~ area of the circle shrunk by half a pixel.
   assert abs(inside - np.pi * (radius - 0.5) ** 2) < 0.25 * np.pi * radius**2
+
+
+def test_colour_follows_the_shape_and_sizes_follow_the_ranges():
+  """Data version 2: shape i is SHAPE_COLORS[i] times a shade in SHADE; radius and
+  speed inside RADIUS and SPEED (fractions of the frame size)."""
+  assert dd.DATA_VERSION == 2
+  for seed in range(6):
+    label = dd.label_of(6, seed % dd.NUM_MOTIONS)
+    scene = dd.scene_for_label(jax.random.key(seed), label, F, H, W)
+    colors = np.asarray(scene.colors)
+    base = np.asarray(dd.SHAPE_COLORS)
+    shade = (colors * base).sum(-1) / (base * base).sum(-1)
+    np.testing.assert_allclose(colors, shade[:, None] * base, atol=1e-6)
+    assert (shade >= dd.SHADE[0] - 1e-6).all() and (shade <= dd.SHADE[1] + 1e-6).all()
+    radius = np.asarray(scene.radius) / min(H, W)
+    assert (radius >= dd.RADIUS[0] - 1e-6).all() and (radius <= dd.RADIUS[1] + 1e-6).all()
+    if dd.MOTIONS[seed % dd.NUM_MOTIONS] == "horizontal":
+      speed = np.abs(np.diff(np.asarray(scene.centers)[:, :, 1], axis=0)).max(0) / min(H, W)
+      assert (speed <= dd.SPEED[1] + 1e-6).all() and (speed >= dd.SPEED[0] - 1e-6).all()

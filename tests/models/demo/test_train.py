@@ -58,6 +58,19 @@ def test_demo_config_is_4096_tokens_and_small():
   chex.assert_shape(shapes["label_embedding"], (demo_data.NUM_CLASSES + 1, C.TEXT_LEN, C.TEXT_DIM))
 
 
+def test_learning_rate_is_optax_warmup_cosine_with_a_traced_length():
+  import optax
+  tc = T.TrainConfig(lr=2e-3, warmup_steps=10, total_steps=200, end_lr_fraction=0.1)
+  want = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 10, 200, end_value=2e-4)
+  steps = np.array([0, 1, 5, 10, 11, 50, 150, 199, 200, 500])
+  np.testing.assert_allclose(T.learning_rate(tc, steps, 200), want(steps), rtol=1e-5, atol=1e-9)
+  # a longer schedule (re-planned to the time budget) is the same curve stretched
+  fn = jax.jit(lambda s, total: T.learning_rate(tc, s, total))
+  np.testing.assert_allclose(fn(100, 190), optax.warmup_cosine_decay_schedule(
+      0.0, 2e-3, 10, 190, end_value=2e-4)(100), rtol=1e-5)
+  assert float(fn(400, 400)) == pytest.approx(2e-4)
+
+
 def test_label_context(trained):
   params = trained[1].params
   labels = jnp.array([0, 3, C.NULL_LABEL])
