@@ -99,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--negative-prompt", default=None,
                    help="negative prompt (with --checkpoint; default '' as diffusers)")
   src.add_argument("--label", type=_nonnegative_int, default=None,
-                   help="class label of the demo model, 0..27 (default: the export's showcase label)")
+                   help="class label of the demo model, 0..27 (default: the export's showcase "
+                        "label, else one drawn from the seed; the label drawn is printed)")
   src.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="weights and compute of a --checkpoint (default: bfloat16 on GPU/TPU, "
                         "float32 on CPU)")
@@ -121,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
   smp.add_argument("--flow-shift", "--shift", dest="flow_shift", type=_positive_float, default=None,
                    help="flow-matching shift (Wan default: 3.0 at 480p, 5.0 at 720p; demo 2.0)")
   smp.add_argument("--seed", type=_nonnegative_int, default=None,
-                   help="noise seed (default 0; demo: the export's showcase seed)")
+                   help="noise seed (default 0; demo without --label: the export's showcase seed)")
   att = s.add_argument_group("attention")
   att.add_argument("--attention", default="dense", choices=ATTENTION,
                    help="dense, MOD-DiT, or a baseline")
@@ -232,11 +233,10 @@ def sample_demo(args) -> int:
   if args.label is not None and not model.num_labels:
     raise ValueError(f"--label: model {model.name!r} takes no label (only the demo model does)")
   label, seed = args.label, args.seed
-  if model.num_labels:
-    if label is None:
-      label = d.showcase_label
-    if seed is None:
-      seed = d.showcase_seed
+  if model.num_labels and label is None and d.default_label is not None:
+    label = d.default_label                  # the export's showcase sample
+    if seed is None and d.default_seed is not None:
+      seed = d.default_seed
   seed = 0 if seed is None else seed
   steps = args.steps or d.num_inference_steps
   attention = attention_config(args, steps, d.block_size, default_top_k=0.15)
@@ -247,6 +247,9 @@ def sample_demo(args) -> int:
       shift=d.shift if args.flow_shift is None else args.flow_shift, attention=attention)
   key = jax.random.key(seed)
   kctx, knoise = jax.random.split(key)
+  if model.num_labels and label is None:
+    # the draw make_context would make, done here so that it can be printed
+    label = int(jax.random.randint(kctx, (1,), 0, model.num_labels)[0])
   context, neg_context = model.make_context(1, kctx, label)
   if model.num_labels:
     print(f"label {label} ({model.describe_label(label)}), seed {seed}")

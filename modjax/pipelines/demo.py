@@ -32,8 +32,10 @@ class ModelDefaults:
   guidance_scale: float
   shift: float
   block_size: int
-  showcase_label: int = 0     # a label and seed whose sample shows the model at its best
-  showcase_seed: int = 0
+  # The label and seed the CLI draws when none is given: a sample that shows the
+  # labelled shapes (benchmarks/demo_shapes.py --pick-default writes them into an export).
+  default_label: Optional[int] = None
+  default_seed: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -65,6 +67,10 @@ def _random_context(text_dim: int, text_len: int):
   return make
 
 
+def _optional_int(value) -> Optional[int]:
+  return None if value is None else int(value)
+
+
 def load_tiny(seed: int = 0) -> LoadedModel:
   config = wan.WanConfig.tiny()
   d = ModelDefaults(frames=4, height=16, width=16, num_inference_steps=8,
@@ -85,8 +91,8 @@ def load_demo(path: str = demo_checkpoint.DEMO_CHECKPOINT) -> LoadedModel:
                            num_inference_steps=int(meta["num_inference_steps"]),
                            guidance_scale=float(meta["guidance_scale"]),
                            shift=float(meta["shift"]), block_size=int(meta["block_size"]),
-                           showcase_label=int(meta.get("showcase_label", 0)),
-                           showcase_seed=int(meta.get("showcase_seed", 0)))
+                           default_label=_optional_int(meta.get("default_label")),
+                           default_seed=_optional_int(meta.get("default_seed")))
   table = {"label_embedding": params["label_embedding"]}
   num_labels = demo_checkpoint.NUM_CLASSES
 

@@ -86,7 +86,7 @@ def test_help_shows_defaults_and_units(capsys):
 def test_mp4_writes_without_a_fork_warning(tmp_path):
   """imageio-ffmpeg's subprocess tripped JAX's os.fork() RuntimeWarning."""
   pytest.importorskip("imageio_ffmpeg")
-  import jax  # noqa: F401  (JAX's at-fork hook is what warned)
+  import jax  # noqa: F401  (importing JAX registers the at-fork hook that warned)
   frames = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
@@ -102,3 +102,43 @@ def test_write_video_rejects_bad_fps(tmp_path, fps):
   frames = np.zeros((2, 8, 8, 3), np.uint8)
   with pytest.raises(ValueError, match="fps must be a positive int"):
     video.write_video(frames, str(tmp_path / "x.gif"), fps=fps)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+  """A label-conditioned demo export of the tiny trainer config (random weights)."""
+  import jax
+  from models.demo import checkpoint, train
+  config = train.tiny_config()
+  params = train.init_demo_params(config, jax.random.key(0), 2, 8, 8)
+  path = tmp_path_factory.mktemp("export") / "demo.safetensors"
+  checkpoint.export_demo(path, config, params, frames=2, height=8, width=8)
+  return path
+
+
+def test_demo_without_label_prints_the_label_it_drew(tiny_export, tmp_path, capsys):
+  args = ["sample", "--model", str(tiny_export), "--steps", "2", "--no-progress",
+          "--out", str(tmp_path / "x.gif")]
+  assert main(args + ["--seed", "4"]) == 0
+  first = capsys.readouterr().out.splitlines()[0]
+  assert first.startswith("label ") and first.endswith("seed 4"), first
+  assert main(args + ["--seed", "4"]) == 0  # the same seed draws the same label
+  assert capsys.readouterr().out.splitlines()[0] == first
+
+
+def test_demo_default_label_and_seed_come_from_the_export(tiny_export, tmp_path, capsys):
+  from models.demo import checkpoint
+  checkpoint.update_metadata(tiny_export, {"default_label": 7, "default_seed": 3})
+  try:
+    out = str(tmp_path / "x.gif")
+    assert main(["sample", "--model", str(tiny_export), "--steps", "2", "--no-progress",
+                 "--out", out]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("label 7 (") and first.endswith("seed 3"), first
+    # an explicit label keeps seed 0 unless --seed is given
+    assert main(["sample", "--model", str(tiny_export), "--label", "2", "--steps", "2",
+                 "--no-progress", "--out", out]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("label 2 (") and first.endswith("seed 0"), first
+  finally:
+    checkpoint.update_metadata(tiny_export, {"default_label": None, "default_seed": None})
