@@ -48,6 +48,9 @@ class AttentionControl:
   block_size: int = struct.field(pytree_node=False, default=128)
   threshold: float = struct.field(pytree_node=False, default=1e-4)
   oracle_keep: int = struct.field(pytree_node=False, default=0)
+  # (v0, v1): the whole video blocks of a text + video sequence; the oracle chooses
+  # among video-video blocks only (text rows and columns stay on). None: all video.
+  video_blocks: Optional[tuple] = struct.field(pytree_node=False, default=None)
   # Diagnostic: also return "mask_recall" [B, H], the share of the dense softmax
   # mass inside the mask used (sparse modes only; costs a dense pass).
   record_recall: bool = struct.field(pytree_node=False, default=False)
@@ -88,10 +91,15 @@ class AttentionControl:
     if self.mode == "dense":
       return dense_attention(q, k, v, implementation=self.implementation), {}
     if self.mode == "oracle":
-      mask = masks.mass_oracle_mask(q, k, self.oracle_keep, block_size=self.block_size,
-                                    implementation=self.sparse_implementation)
-      if self.block_mask is not None:  # blocks forced on (dense layers)
-        mask = mask | self.block_mask
+      if self.video_blocks is None:
+        mask = masks.mass_oracle_mask(q, k, self.oracle_keep, block_size=self.block_size,
+                                      implementation=self.sparse_implementation)
+      else:
+        mask = masks.joint_mass_oracle_mask(q, k, self.oracle_keep, self.video_blocks,
+                                            block_size=self.block_size,
+                                            implementation=self.sparse_implementation)
+      if block_mask is not None:  # blocks forced on (dense layers)
+        mask = mask | block_mask
       out = pallas_kernels.block_sparse_attention(
           q, k, v, mask, block_size=self.block_size, implementation=self.sparse_implementation)
       return out, self._recall_stats(q, k, mask)

@@ -211,6 +211,32 @@ def mass_oracle_mask(q: jax.Array, k: jax.Array, keep: Union[int, float], *,
   return top_mass_row_mask(mass, keep)
 
 
+def joint_mass_oracle_mask(q: jax.Array, k: jax.Array, keep: Union[int, float], video_blocks, *,
+                           block_size: int = 128, implementation: Optional[str] = None):
+  """`mass_oracle_mask` for a sequence of text and video tokens: the keep-per-row
+  choice among the video-video blocks [v0, v1)^2 only, text rows and columns kept."""
+  mass = pallas_kernels.block_mass_map(q, k, block_size=block_size,
+                                       implementation=implementation)
+  v0, v1 = video_blocks
+  video = top_mass_row_mask(mass[..., v0:v1, v0:v1], keep)
+  return embed_video_mask(video, mass.shape[-1], video_blocks)
+
+
+def embed_video_mask(video_mask: jax.Array, total_blocks: int, video_blocks) -> jax.Array:
+  """bool [..., N, N]: the [..., n, n] video-video mask placed at blocks
+  [v0, v1) x [v0, v1) of the whole sequence's N x N grid, every other block (a
+  text row or a text column, docs/algorithm.md section 10) True."""
+  v0, v1 = video_blocks
+  video_mask = jnp.asarray(video_mask, bool)
+  if video_mask.shape[-2:] != (v1 - v0, v1 - v0):
+    raise ValueError(f"video_mask must be [..., {v1 - v0}, {v1 - v0}] for video blocks "
+                     f"[{v0}, {v1}), got shape {video_mask.shape}")
+  if (v0, v1) == (0, total_blocks):
+    return video_mask
+  full = jnp.ones(video_mask.shape[:-2] + (total_blocks, total_blocks), bool)
+  return full.at[..., v0:v1, v0:v1].set(video_mask)
+
+
 def mask_density(mask) -> jax.Array:
   """float32 [...]: fraction of active blocks of each [..., n, n] mask."""
   return jnp.asarray(mask).astype(jnp.float32).mean(axis=(-2, -1))

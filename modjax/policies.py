@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,29 +30,88 @@ from modjax.schedule import StepKind, mod_step_kinds, warmup_step_kinds
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """Static sizes of the attention problem the policy works on."""
+  """Static sizes of the attention problem the policy works on.
+
+  The self-attention sequence holds seq_len tokens on a grid of `total_blocks`
+  blocks; the video tokens are [video_start, video_start + video_tokens)
+  (docs/algorithm.md section 10). MOD-DiT's map, fit, prediction and history
+  cover the blocks that hold video tokens only, `video_blocks` = [v0, v1):
+  n = v1 - v0 of them (`num_blocks`). Every other block -- a text block, or a
+  block where text and video meet when the video region does not start or end
+  on a block boundary -- is a text block: its row and its column are always
+  computed, so attention stays exact whatever the alignment. Wan's sequence is
+  all video: [v0, v1) is the whole grid and nothing changes.
+  """
   num_layers: int
   batch: int            # rows of the model batch (2 x videos with CFG)
   heads: int
   seq_len: int
   tokens_per_frame: int
   block_size: int
+  video_start: int = 0
+  video_tokens: Optional[int] = None   # None: the whole sequence
+
+  def __post_init__(self):
+    if self.video_tokens is None:
+      object.__setattr__(self, "video_tokens", self.seq_len - self.video_start)
+    end = self.video_start + self.video_tokens
+    if self.video_start < 0 or self.video_tokens < 1 or end > self.seq_len:
+      raise ValueError(f"video tokens [{self.video_start}, {end}) must lie inside the "
+                       f"{self.seq_len}-token sequence")
+    v0, v1 = self.video_blocks
+    if v1 <= v0:
+      raise ValueError(
+          f"the video tokens [{self.video_start}, {end}) fill no whole block of "
+          f"{self.block_size} tokens: nothing to make sparse (use dense attention or "
+          f"block_size 64)")
 
   @classmethod
   def from_layout(cls, layout, *, batch: int, block_size: int) -> "Geometry":
     """From a family's `models.family.AttentionLayout` at some latent sizes."""
-    if not layout.video_only:
-      raise ValueError(
-          f"attention over text and video tokens in one sequence (video tokens "
-          f"[{layout.video_start}, {layout.video_start + layout.video_tokens}) of "
-          f"{layout.seq_len}) is not supported by the attention policies yet")
     return cls(num_layers=layout.num_layers, batch=batch, heads=layout.num_heads,
                seq_len=layout.seq_len, tokens_per_frame=layout.tokens_per_frame,
-               block_size=block_size)
+               block_size=block_size, video_start=layout.video_start,
+               video_tokens=layout.video_tokens)
+
+  @property
+  def total_blocks(self) -> int:
+    """Blocks of the whole sequence (the kernel's grid)."""
+    return -(-self.seq_len // self.block_size)
+
+  @property
+  def video_blocks(self) -> tuple[int, int]:
+    """[v0, v1): the blocks that hold video tokens only (a short last block of the
+    sequence counts, as the kernels take ragged tails)."""
+    b, end = self.block_size, self.video_start + self.video_tokens
+    v0 = -(-self.video_start // b)
+    v1 = self.total_blocks if end == self.seq_len else end // b
+    return v0, v1
+
+  @property
+  def joint(self) -> bool:
+    """True when some blocks are text blocks (always computed)."""
+    return self.video_blocks != (0, self.total_blocks)
 
   @property
   def num_blocks(self) -> int:
-    return -(-self.seq_len // self.block_size)
+    """n: MOD-DiT's blocks per side (the video blocks)."""
+    v0, v1 = self.video_blocks
+    return v1 - v0
+
+  def kernel_mask(self, video_mask: jax.Array) -> jax.Array:
+    """The kernel's [..., N, N] mask of a video-video mask [..., n, n]."""
+    return masks_lib.embed_video_mask(video_mask, self.total_blocks, self.video_blocks)
+
+  def video_part(self, full: jax.Array) -> jax.Array:
+    """[..., n, n]: the video-video blocks of a whole-sequence [..., N, N] map."""
+    if not self.joint:
+      return full
+    v0, v1 = self.video_blocks
+    return full[..., v0:v1, v0:v1]
+
+  def kernel_width(self, video_width: int) -> int:
+    """Table width of kernel_mask(...): text rows hold every block."""
+    return self.total_blocks if self.joint else video_width
 
   @property
   def blocks_per_frame(self) -> int:
@@ -148,13 +207,13 @@ class _SparsePolicy:
 
 
 class MODPolicy(_SparsePolicy):
-  """MOD-DiT, ALGORITHM.md sections 2-4."""
+  """MOD-DiT, docs/algorithm.md sections 2-4 (and 10 for text tokens)."""
 
   def __init__(self, config: cfg_lib.MODConfig, geom: Geometry):
     self.config, self.geom = config, geom
     n, bpf = geom.num_blocks, geom.blocks_per_frame
     self.top_k = predict_lib.resolve_top_k(config.top_k, n)
-    self.width = predict_lib.max_row_width(self.top_k, n, bpf)
+    self.width = geom.kernel_width(predict_lib.max_row_width(self.top_k, n, bpf))
 
   @property
   def history_dtype(self):
@@ -177,7 +236,8 @@ class MODPolicy(_SparsePolicy):
     mask = jnp.ones(g.lead + (n, n), bool)
     return MODState(
         prev_map=jnp.ones(g.lead + (n, n), self.history_dtype), x_prev=feats, x_cur=feats,
-        block_diagonal=jnp.zeros(g.lead, bool), mask=mask, table=_compact(mask, self.width))
+        block_diagonal=jnp.zeros(g.lead, bool), mask=mask,
+        table=_compact(g.kernel_mask(mask), self.width))
 
   def control(self, state: MODState, kind: StepKind) -> AttentionControl:
     if kind == StepKind.DENSE:
@@ -199,7 +259,7 @@ class MODPolicy(_SparsePolicy):
     if kind not in (StepKind.MAP, StepKind.REFRESH):
       return state
     c, bpf = self.config, self.geom.blocks_per_frame
-    smap = stats["sparsity_map"].astype(self.history_dtype)
+    smap = self.geom.video_part(stats["sparsity_map"]).astype(self.history_dtype)
     if kind == StepKind.MAP:
       merged = smap
     else:  # history: blocks skipped under the current mask keep their older value
@@ -209,7 +269,8 @@ class MODPolicy(_SparsePolicy):
                       if kind == StepKind.MAP else state.block_diagonal)
     mask = self._predict(state.x_cur, fitted, block_diagonal)
     return MODState(prev_map=merged, x_prev=state.x_cur, x_cur=fitted,
-                    block_diagonal=block_diagonal, mask=mask, table=_compact(mask, self.width))
+                    block_diagonal=block_diagonal, mask=mask,
+                    table=_compact(self.geom.kernel_mask(mask), self.width))
 
 
 class StaticMaskPolicy(_SparsePolicy):
@@ -227,7 +288,7 @@ class StaticMaskPolicy(_SparsePolicy):
              "lines": masks_lib.lines_mask_for_density}[self.config.pattern]
     band = build(g.num_blocks, g.blocks_per_frame, self.config.density)
     mask = self._with_dense_layers(jnp.broadcast_to(jnp.asarray(band), g.lead + band.shape))
-    return FixedMaskState(mask=mask, table=_compact(mask, g.num_blocks))
+    return FixedMaskState(mask=mask, table=_compact(g.kernel_mask(mask), g.total_blocks))
 
   def control(self, state, kind: StepKind) -> AttentionControl:
     if kind == StepKind.DENSE:
@@ -262,11 +323,12 @@ class OraclePolicy(_SparsePolicy):
     if kind == StepKind.DENSE:
       return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
     forced = None
+    g = self.geom
     if self.config.dense_layers:  # blocks forced on: every block of the dense layers
-      g = self.geom
       forced = jnp.broadcast_to(jnp.asarray(_layer_dense(g, self.config.dense_layers)),
-                                g.lead + (g.num_blocks, g.num_blocks))
-    return self._control("oracle", block_mask=forced, oracle_keep=self.keep)
+                                g.lead + (g.total_blocks, g.total_blocks))
+    return self._control("oracle", block_mask=forced, oracle_keep=self.keep,
+                         video_blocks=g.video_blocks if g.joint else None)
 
   def update(self, state, stats, kind):
     return state

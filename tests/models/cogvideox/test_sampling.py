@@ -102,24 +102,14 @@ def mock_randn(fn):
   return mock.patch("diffusers.schedulers.scheduling_dpm_cogvideox.randn_tensor", fn)
 
 
-def test_modjax_sampler_matches_diffusers(loop_reference, monkeypatch, record_property):
+def test_modjax_sampler_matches_diffusers(loop_reference, record_property):
   """modjax's Sampler (dense attention, CFG, the DPM noise key it derives from the run key) driving
-  CogVideoXFamily vs diffusers' loop. While modjax's policies refuse joint text+video
-  layouts, the dense policy is handed the layout as if all video (it reads num_layers)."""
-  import dataclasses
-  from modjax import policies
+  CogVideoXFamily vs diffusers' loop."""
   from modjax import sampler as sampler_lib
 
   ref = loop_reference
   family = CogVideoXFamily(ref["config"], text_len=5)
   frames, height, width = LATENT[2:]
-  try:
-    policies.Geometry.from_layout(family.attention_layout(frames, height, width), batch=2,
-                                  block_size=128)
-  except ValueError:
-    original = policies.Geometry.from_layout
-    monkeypatch.setattr(policies.Geometry, "from_layout", lambda layout, **kw: original(
-        dataclasses.replace(layout, video_start=0, video_tokens=layout.seq_len), **kw))
   sched = S.from_diffusers_config(SCHEDULER_CONFIG, STEPS, class_name="CogVideoXDPMScheduler")
   settings = sampler_lib.SamplerSettings(frames=frames, height=height, width=width,
                                          num_inference_steps=STEPS, guidance_scale=GUIDANCE,
