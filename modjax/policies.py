@@ -58,12 +58,15 @@ class Geometry:
     if self.video_start < 0 or self.video_tokens < 1 or end > self.seq_len:
       raise ValueError(f"video tokens [{self.video_start}, {end}) must lie inside the "
                        f"{self.seq_len}-token sequence")
+
+  def check_sparse(self) -> None:
+    """A block-sparse policy needs at least one whole video block."""
     v0, v1 = self.video_blocks
     if v1 <= v0:
       raise ValueError(
-          f"the video tokens [{self.video_start}, {end}) fill no whole block of "
-          f"{self.block_size} tokens: nothing to make sparse (use dense attention or "
-          f"block_size 64)")
+          f"the video tokens [{self.video_start}, {self.video_start + self.video_tokens}) "
+          f"fill no whole block of {self.block_size} tokens: nothing to make sparse (use "
+          f"dense attention or block_size 64)")
 
   @classmethod
   def from_layout(cls, layout, *, batch: int, block_size: int) -> "Geometry":
@@ -189,6 +192,10 @@ class DensePolicy:
 class _SparsePolicy:
   """Shared plumbing of the policies that run the block-sparse kernel."""
 
+  def __init__(self, config, geom: Geometry):
+    geom.check_sparse()
+    self.config, self.geom = config, geom
+
   def _control(self, mode: str, block_mask=None, **extra) -> AttentionControl:
     c = self.config
     return AttentionControl(
@@ -210,7 +217,7 @@ class MODPolicy(_SparsePolicy):
   """MOD-DiT, docs/algorithm.md sections 2-4 (and 10 for text tokens)."""
 
   def __init__(self, config: cfg_lib.MODConfig, geom: Geometry):
-    self.config, self.geom = config, geom
+    super().__init__(config, geom)
     n, bpf = geom.num_blocks, geom.blocks_per_frame
     self.top_k = predict_lib.resolve_top_k(config.top_k, n)
     self.width = geom.kernel_width(predict_lib.max_row_width(self.top_k, n, bpf))
@@ -277,7 +284,7 @@ class StaticMaskPolicy(_SparsePolicy):
   """Dense warm-up, then one fixed mask (window or MOD-shaped lines) for every layer and head."""
 
   def __init__(self, config: cfg_lib.StaticMaskConfig, geom: Geometry):
-    self.config, self.geom = config, geom
+    super().__init__(config, geom)
 
   def step_kinds(self, num_steps: int) -> np.ndarray:
     return warmup_step_kinds(num_steps, self.config.warmup_steps)
@@ -310,7 +317,7 @@ class OraclePolicy(_SparsePolicy):
   blocks in every row; layers below dense_layers run dense."""
 
   def __init__(self, config: cfg_lib.OracleConfig, geom: Geometry):
-    self.config, self.geom = config, geom
+    super().__init__(config, geom)
     self.keep = masks_lib.resolve_row_count(config.density, geom.num_blocks)
 
   def step_kinds(self, num_steps: int) -> np.ndarray:

@@ -59,9 +59,11 @@ def test_video_blocks_and_kernel_mask(case, start, tokens, seq, blocks):
   np.testing.assert_array_equal(np.asarray(geom.video_part(jnp.asarray(full))), video)
 
 
-def test_a_video_region_with_no_whole_block_is_refused():
+def test_a_video_region_with_no_whole_block_is_refused_for_sparse_policies():
+  geom = _geometry(160, 80, 40)
+  policies.DensePolicy(modjax.DenseConfig(), geom)  # dense needs no block
   with pytest.raises(ValueError, match="fill no whole block"):
-    _geometry(160, 80, 40)
+    policies.MODPolicy(modjax.MODConfig(block_size=64), geom)
 
 
 def _fake_map(geom, seed):
