@@ -26,6 +26,10 @@ def _fmt(x, spec):
   return "" if x is None else format(x, spec)
 
 
+def _is_precision_run(run) -> bool:
+  return any(r.get("precision", "bf16") != "bf16" for r in run["rows"])
+
+
 def kernel_table(runs):
   """One row per (S, H, mask, density): baselines, each of our backends, ratios.
 
@@ -35,6 +39,8 @@ def kernel_table(runs):
   """
   lines = []
   for name, run in runs:
+    if _is_precision_run(run):  # quantized runs have their own table
+      continue
     rows = [r for r in run["rows"] if not r.get("sweep") and "time_ms" in r]
     dense = {}
     for r in rows:
@@ -128,14 +134,100 @@ def quality_table(runs):
   return lines
 
 
-RENDERERS = {"kernel": kernel_table, "e2e": e2e_table, "overhead": overhead_table,
-             "quality": quality_table}
+PRECISION_ORDER = ("bf16", "int8_bf16", "int8_fp8", "fp8")
+
+
+def precision_table(runs):
+  """Quantized kernels beside bf16 (the public call, quantization included), per shape:
+  time, the share of cuDNN bf16 dense throughput on the blocks computed, rel err."""
+  lines = []
+  for name, run in runs:
+    if not _is_precision_run(run):
+      continue
+    rows = [r for r in run["rows"] if not r.get("sweep") and r.get("time_ms")]
+    cudnn = {(r["seq_len"], r["heads"], r["head_dim"]): r for r in rows if r["impl"] == "cudnn_dense"}
+    fp8 = {(r["seq_len"], r["heads"], r["head_dim"]): r for r in rows
+           if r["impl"] == "cudnn_fp8_dense"}
+    cells = {}
+    for r in rows:
+      if r["impl"] == "ours_mosaic_gpu" and r.get("variant") == "public_call":
+        key = (r["seq_len"], r["heads"], r["head_dim"], r["mask"], round(r["density"], 3))
+        cells.setdefault(key, {})[r["precision"]] = r
+    if not cells:
+      continue
+    precisions = [p for p in PRECISION_ORDER if any(p in c for c in cells.values())]
+    lines += [f"`{name}` ({run['card']}, jax {run['jax']}); ms of the whole call (quantization "
+              "included), in brackets the share of cuDNN bf16 dense throughput on the blocks "
+              "computed, then rel err vs float32", ""]
+    head = ["S", "H", "D", "mask", "density", "cuDNN bf16 ms", "cuDNN fp8 ms"] + precisions
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(cells):
+      base = cudnn.get(key[:3], {}).get("time_ms")
+      f8 = fp8.get(key[:3], {}).get("time_ms")
+      cols = [str(key[0]), str(key[1]), str(key[2]), key[3], f"{key[4]:.3f}", _fmt(base, ".3f"),
+              _fmt(f8, ".3f")]
+      for p in precisions:
+        r = cells[key].get(p)
+        if not r:
+          cols.append("")
+          continue
+        eff = f" ({base * key[4] / r['time_ms']:.0%})" if base else ""
+        cols.append(f"{r['time_ms']:.3f}{eff}, {_fmt(r.get('rel_err'), '.1e')}")
+      lines.append("| " + " | ".join(cols) + " |")
+    lines.append("")
+  return lines
+
+
+def pipeline_table(runs):
+  """The Wan pipeline stage by stage (warm stage times, compile apart)."""
+  lines = []
+  for name, run in runs:
+    rows = [r for r in run["rows"] if r.get("time_s") is not None]
+    lines += [f"`{name}` ({run['card']}, jax {run['jax']}, {run.get('model', '')})", "",
+              "| video | stage | impl | mode | time s | sparsity |", "|---|---|---|---|---|---|"]
+    for r in rows:
+      if r["stage"] in ("text_encode", "vae_decode") and r.get("first_call") is False:
+        continue  # the warm rows below say the same without the compile question
+      video = f"{r['frames']}x{r['height']}x{r['width']}"
+      sparsity = f"{r['sparsity']:.1%}" if r["stage"] == "denoise" else ""
+      stage = r["stage"] + (" (first call, compile included)" if r.get("first_call") and
+                            r["stage"] in ("text_encode", "vae_decode") else "")
+      lines.append(f"| {video} | {stage} | {r['impl']} | {r.get('mode', '')} | "
+                   f"{r['time_s']:.2f} | {sparsity} |")
+    lines.append("")
+  return lines
+
+
+def scaling_table(runs):
+  lines = []
+  for name, run in runs:
+    lines += [f"`{name}` ({run['card']}, jax {run['jax']}, {run.get('device_count', '')} device(s))",
+              "", "| model | video | tokens | devices | cfg x seq | mode | steps | total s | "
+              "pre-mesh total s | mesh overhead | imbalance |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in run["rows"]:
+      if "total_s" not in r:
+        continue
+      imb = r.get("imbalance") or {}
+      imb = f"{imb.get('natural', 1):.2f} -> {imb.get('balanced', 1):.2f}" if imb else ""
+      over = f"{r['mesh1_overhead']:+.2%}" if r.get("mesh1_overhead") is not None else ""
+      base = _fmt(r.get("baseline_total_s"), ".2f")
+      lines.append(f"| {r['model']} | {r['frames']}x{r['height']}x{r['width']} | {r['tokens']} | "
+                   f"{r['devices']} | {r['cfg']} x {r['seq']} | {r['mode']} | {r['steps']} | "
+                   f"{r['total_s']:.2f} | {base} | {over} | {imb} |")
+    lines.append("")
+  return lines
+
+
+RENDERERS = {"kernel": kernel_table, "precision": precision_table, "e2e": e2e_table,
+             "overhead": overhead_table, "quality": quality_table, "pipeline": pipeline_table,
+             "scaling": scaling_table}
+_FILES = {"precision": "kernel"}  # the precision table reads the kernel files
 
 
 def render(readme: str) -> str:
   for kind, fn in RENDERERS.items():
     pattern = re.compile(rf"(<!-- results:{kind} -->\n).*?(<!-- /results:{kind} -->)", re.S)
-    body = "\n".join(fn(_load(kind))) or "(no results yet)"
+    body = "\n".join(fn(_load(_FILES.get(kind, kind)))) or "(no results yet)"
     readme = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), readme)
   return readme
 
