@@ -16,7 +16,7 @@ JSON (docs/benchmarks.md, /PERF.md).
     python -m benchmarks.scaling --tiny --out /tmp/scaling-tiny.json   # CPU, 8 virtual devices
 
 --baseline (devices=1 only) also runs the sampler as it was before the mesh
-(benchmarks/baselines/sampler_before_mesh.py) in the same process, alternating
+(modjax/sampler.py at BASELINE_REV, read with git) in the same process, alternating
 runs, and prints the mesh-of-size-1 overhead.
 """
 
@@ -119,8 +119,22 @@ def execute(prepared):
               per_step_ms=float(np.median(per_step)) if len(per_step) else None), out
 
 
-def _baseline_module():
-  path = Path(__file__).with_name("baselines") / "sampler_before_mesh.py"
+BASELINE_REV = "9d4f106"  # the last commit whose sampler had no mesh
+
+
+def _baseline_module(rev: str = BASELINE_REV):
+  """modjax/sampler.py as it was at `rev` (read with git, not kept in the tree), imported
+  beside today's modules, for side-by-side timing."""
+  import subprocess
+  import tempfile
+  root = Path(__file__).resolve().parent.parent
+  try:
+    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:modjax/sampler.py"],
+                            check=True, capture_output=True, text=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise SystemExit(f"--baseline needs the git history of this checkout (revision {rev}): {e}")
+  path = Path(tempfile.mkdtemp()) / "sampler_before_mesh.py"
+  path.write_text(source)
   spec = importlib.util.spec_from_file_location("modjax_sampler_before_mesh", path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module   # dataclasses look their module up there
