@@ -1,22 +1,27 @@
-"""End-to-end sampling speed at Wan2.1-1.3B shapes: MOD-DiT vs dense, one GPU.
+"""End-to-end sampling speed of a model family's denoiser: MOD-DiT vs dense, one GPU.
 
-Random bf16 weights by default (pass --checkpoint for a diffusers Wan folder),
-a 512-token text context, classifier-free guidance (batch 2), 50 steps. Each
-mode is compiled once (compile time reported apart), then run end to end once
-with a host timestamp after every step, which gives the 50-step total and the
-per-step time of each step kind from the same run. Writes an "e2e" JSON.
+Models (--model): Wan2.1-1.3B / 14B (text through cross-attention; CFG; 512 text tokens),
+CogVideoX-1.5-5B (joint [226 text; video] attention, 48 heads of 64; CFG; its DPM
+scheduler), HunyuanVideo (joint [video; 256 text] attention in dual- and single-stream
+blocks; embedded guidance, no CFG; flow Euler with shift 7). Random bf16 weights (pass
+--checkpoint for a diffusers Wan folder), 50 steps. Each mode is compiled once (compile
+time reported apart), then run end to end once with a host timestamp after every step,
+which gives the total and the per-step time of each step kind from the same run. Writes
+an "e2e" JSON.
 
 Random weights make MOD's predicted masks meaningless for quality, so the
 "fixed_lines" mode runs a fixed MOD-shaped mask at the target density from
-step 0 to isolate system speed.
+step 0 to isolate system speed. --tiny runs each family's tiny config on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +29,16 @@ import numpy as np
 
 from models import wan
 import modjax
-from modjax import callbacks, sampler as sampler_lib
+from modjax import callbacks, policies, sampler as sampler_lib
 from modjax.schedule import StepKind
 
-SHAPES = {  # name: (video frames, height, width) -> latent (F, H, W) with the Wan VAE (4x temporal, 8x spatial)
+SHAPES = {  # name: (video frames, height, width) -> latent (F, H, W) with a 4x / 8x VAE
     "480p": (81, 480, 832),
     "720p": (69, 768, 1280),
+    "720p81": (81, 720, 1280),
+    "cogvideox1.5": (81, 768, 1360),
+    "hunyuan720p": (129, 720, 1280),
+    "tiny": (17, 128, 128),
 }
 
 
@@ -37,11 +46,79 @@ def latent_size(frames, height, width):
   return (frames - 1) // 4 + 1, height // 8, width // 8
 
 
-def modes(n_blocks: int, target_density: float):
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """What e2e needs of a family: the family at a latent size, its params' shapes, the
+  context (and negative) pytree, the scheduler, the guidance scale."""
+  name: str
+  family: Any
+  param_shapes: Any
+  context: Callable[[jax.Array], Any]      # key -> context pytree (batch 1)
+  scheduler: Callable[[int], Any]          # steps -> scheduler
+  guidance_scale: float
+  latent: Callable[[int, int, int], tuple]
+
+
+def _normal(key, shape, dtype=jnp.bfloat16):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def build_model(name: str, tiny: bool = False) -> Model:
+  if name in ("wan2_1_1_3b", "wan2_1_14b"):
+    config = (wan.WanConfig.tiny() if tiny else
+              getattr(wan.WanConfig, name)(param_dtype="bfloat16"))
+    text = 8 if tiny else 512
+    return Model(name, wan.WanFamily(config), wan.param_shapes(config),
+                 lambda k: _normal(k, (1, text, config.text_dim)),
+                 lambda n: modjax.FlowUniPC(n, flow_shift=5.0), 5.0, latent_size)
+  if name == "cogvideox1_5_5b":
+    from models import cogvideox
+    from models.cogvideox import sampling
+    config = (cogvideox.CogVideoXConfig.tiny() if tiny else
+              cogvideox.CogVideoXConfig.cogvideox1_5_5b(param_dtype="bfloat16", dtype="bfloat16"))
+    text = 8 if tiny else 226
+    family = cogvideox.CogVideoXFamily(config, text_len=text)
+
+    def latent(frames, height, width):
+      return (sampling.latent_frames(frames, config)[0],
+              *sampling.latent_size(height, width, config))
+    return Model(name, family, cogvideox.param_shapes(config),
+                 lambda k: _normal(k, (1, text, config.text_dim)),
+                 lambda n: modjax.schedulers.CogVideoXDPM(n), 6.0, latent)
+  if name == "hunyuan_video":
+    from models import hunyuan
+    config = (hunyuan.HunyuanVideoConfig.tiny() if tiny else
+              hunyuan.HunyuanVideoConfig.hunyuan_video(param_dtype="bfloat16"))
+    text = 8 if tiny else 256
+    family = hunyuan.HunyuanVideoFamily(config, text_len=text)
+
+    def context(k):
+      kt, kp = jax.random.split(k)
+      return hunyuan.HunyuanVideoContext(
+          text=_normal(kt, (1, text, config.text_dim)), pooled=_normal(kp, (1, config.pooled_dim)),
+          guidance=jnp.full((1,), 6000.0, jnp.float32))
+    return Model(name, family, hunyuan.param_shapes(config), context,
+                 lambda n: modjax.schedulers.FlowEulerLinspace(n, shift=7.0), 1.0, latent_size)
+  raise SystemExit(f"--model must be one of {MODELS}, got {name!r}")
+
+
+MODELS = ("wan2_1_1_3b", "wan2_1_14b", "cogvideox1_5_5b", "hunyuan_video")
+
+
+def random_params(shapes, key):
+  leaves, treedef = jax.tree.flatten(shapes)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype) if len(s.shape) > 1
+      else jnp.ones(s.shape, s.dtype) for k, s in zip(keys, leaves)])
+
+
+def modes(n_blocks: int, target_density: float, steps: int = 50):
   # Random weights give near-uniform maps: about half of the kept lines land in
   # a row (columns first, then short diagonals), so 2 x density x n lines.
   top_k = max(1, int(round(2 * target_density * n_blocks)))
-  mod = dict(top_k=top_k, warmup_steps=12, interval=10)
+  mod = dict(top_k=top_k, warmup_steps=max(2, round(12 * steps / 50)),
+             interval=max(1, round(10 * steps / 50)))
   return {
       "dense_cudnn": modjax.DenseConfig(implementation="cudnn"),
       "dense_pallas": modjax.StaticMaskConfig(density=1.0, pattern="lines", warmup_steps=0),
@@ -51,12 +128,13 @@ def modes(n_blocks: int, target_density: float):
   }
 
 
-def run_mode(config, params, context, neg, latent, attention, steps):
+def run_mode(model: Model, params, context, neg, latent, attention, steps):
   settings = modjax.SamplerSettings(frames=latent[0], height=latent[1], width=latent[2],
-                                    num_inference_steps=steps, guidance_scale=5.0, shift=5.0,
-                                    attention=attention)
+                                    num_inference_steps=steps,
+                                    guidance_scale=model.guidance_scale,
+                                    scheduler=model.scheduler(steps), attention=attention)
   timer = callbacks.StepTimer()
-  sampler = modjax.Sampler(wan.WanFamily(config), settings, callbacks=(timer,))
+  sampler = modjax.Sampler(model.family, settings, callbacks=(timer,))
   key = jax.random.key(0)
   t0 = time.perf_counter()
   compiled = sampler.lower(params, context, neg, key).compile()
@@ -81,41 +159,50 @@ def main():
   ap.add_argument("--modes", default="dense_cudnn,mod_refresh_dense,mod_refresh_sparse,fixed_lines,dense_pallas")
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--density", type=float, default=0.2)
+  ap.add_argument("--model", default="wan2_1_1_3b", choices=MODELS)
   ap.add_argument("--checkpoint", default=None, help="diffusers Wan transformer folder")
+  ap.add_argument("--tiny", action="store_true", help="the family's tiny config (CPU smoke)")
   ap.add_argument("--max-minutes", type=float, default=1e9)
   args = ap.parse_args()
   start = time.perf_counter()
+  model = build_model(args.model, args.tiny)
   if args.checkpoint:
+    if not args.model.startswith("wan"):
+      raise SystemExit("--checkpoint loads a diffusers Wan transformer folder")
     config, params = wan.load_diffusers_transformer(args.checkpoint, param_dtype="bfloat16",
-                                                      dtype="bfloat16")
+                                                    dtype="bfloat16")
+    model = dataclasses.replace(model, family=wan.WanFamily(config))
   else:
-    config = wan.WanConfig.wan2_1_1_3b(param_dtype="bfloat16")
-    params = None
+    params = random_params(model.param_shapes, jax.random.key(0))
   rows = []
   result = dict(kind="e2e", card=jax.devices()[0].device_kind, jax=jax.__version__,
-                date=datetime.date.today().isoformat(), model="wan2_1_1_3b", rows=rows)
+                date=datetime.date.today().isoformat(), model=args.model, rows=rows)
   kc, kn = jax.random.split(jax.random.key(1))
-  context = jax.random.normal(kc, (1, 512, config.text_dim), jnp.bfloat16)
-  neg = jax.random.normal(kn, (1, 512, config.text_dim), jnp.bfloat16)
+  context, neg = model.context(kc), model.context(kn)
   for shape in args.shapes.split(","):
-    frames, height, width = SHAPES[shape]
-    latent = latent_size(frames, height, width)
-    if params is None:
-      params = wan.init_params(config, jax.random.key(0), *latent, 512)
-    tokens = config.tokens(*latent)
-    n_blocks = -(-tokens // 128)
+    frames, height, width = SHAPES["tiny" if args.tiny else shape]
+    latent = model.latent(frames, height, width)
+    layout = model.family.attention_layout(*latent)
+    tokens = layout.seq_len
+    block = 64 if args.tiny else 128
+    video_blocks = policies.Geometry.from_layout(layout, batch=1, block_size=block).num_blocks
     for name in args.modes.split(","):
       if (time.perf_counter() - start) / 60 > args.max_minutes:
         print(f"time budget reached, skipping {shape}/{name}")
         continue
-      attention = modes(n_blocks, args.density)[name]
+      attention = modes(video_blocks, args.density, args.steps)[name]
+      if hasattr(attention, "block_size"):
+        attention = dataclasses.replace(attention, block_size=block)
+      if args.tiny and name == "dense_cudnn":
+        attention = modjax.DenseConfig()  # cuDNN needs a GPU
       try:
-        r = run_mode(config, params, context, neg, latent, attention, args.steps)
+        r = run_mode(model, params, context, neg, latent, attention, args.steps)
       except Exception as e:  # keep going: one failing mode must not lose the others
         r = dict(error=repr(e)[:400])
       stats = jax.devices()[0].memory_stats() or {}
-      rows.append(dict(mode=name, frames=frames, height=height, width=width, tokens=tokens,
-                       steps=args.steps, peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30, **r))
+      rows.append(dict(mode=name, model=args.model, frames=frames, height=height, width=width,
+                       tokens=tokens, video_tokens=layout.video_tokens, steps=args.steps,
+                       peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30, **r))
       print(json.dumps(rows[-1]), flush=True)
       with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -66,7 +66,7 @@ class Geometry:
       raise ValueError(
           f"the video tokens [{self.video_start}, {self.video_start + self.video_tokens}) "
           f"fill no whole block of {self.block_size} tokens: nothing to make sparse (use "
-          f"dense attention or block_size 64)")
+          f"dense attention{' or block_size 64' if self.block_size > 64 else ''})")
 
   @classmethod
   def from_layout(cls, layout, *, batch: int, block_size: int) -> "Geometry":
