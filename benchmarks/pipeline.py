@@ -213,7 +213,7 @@ def main():
       finite = bool(np.isfinite(out.latents).all())
       # What each compiled stage needs by itself (the process-wide peak above also holds
       # the random-weight generation and the other stages' buffers).
-      sampler_compiled = list(pipe._samplers.values())[-1]
+      sampler_compiled = list(pipe._samplers.values())[-1][0]  # (compiled, sampler)
       save(dict(stage="denoise_memory", impl="modjax", mode=mode,
                 estimate_gb=estimate.stages["denoise"] / 2**30,
                 **_analysis_gb(sampler_compiled), **base))
