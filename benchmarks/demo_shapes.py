@@ -37,7 +37,7 @@ L` draws) shows its shapes in both modes into the export's metadata
 (default_label, default_seed).
 
   PYTHONPATH=. python benchmarks/demo_shapes.py                    # 28 labels x 4 seeds (GPU)
-  PYTHONPATH=. python benchmarks/demo_shapes.py --quick            # CPU smoke
+  PYTHONPATH=. python benchmarks/demo_shapes.py --quick            # CPU smoke (8 steps)
   PYTHONPATH=. python benchmarks/demo_shapes.py --data --seeds 8   # calibration on data
 """
 
@@ -433,7 +433,7 @@ def _parser():
   p.add_argument("--pick-seeds", type=int, default=8,
                  help="CLI seeds tried per candidate label for the default (8)")
   p.add_argument("--quick", action="store_true",
-                 help="CPU smoke: labels 0 and 25, 1 seed, 4 steps")
+                 help="CPU smoke: labels 0 and 25, 1 seed, 8 steps (the fewest with a sparse MOD step)")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/demo-shapes-...)")
   return p
 
@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     _, _, meta = demo_checkpoint.load_demo_params(path)
     d = model.defaults
     frames = args.frames or d.frames
-    steps = args.steps or (4 if args.quick else d.num_inference_steps)
+    steps = args.steps or (8 if args.quick else d.num_inference_steps)
     version = args.data_version or int(meta.get("data_version", 1))
     spec = ShapeSpec.for_version(version, frames, d.height, d.width)
     sampler = DemoSampler(model, frames=frames, steps=steps)

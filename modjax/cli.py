@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
   att.add_argument("--warmup-steps", type=_nonnegative_int, default=None,
                    help="dense warm-up steps (default 12/50 of --steps, at least 2)")
   att.add_argument("--interval", type=_positive_int, default=None,
-                   help="steps between MOD refreshes (default 10/50 of --steps, at least 1)")
+                   help="steps between MOD refreshes (default 10/50 of --steps, at least 2)")
   att.add_argument("--refresh", default="dense", choices=cfg_lib.REFRESH_MODES,
                    help="how MOD refresh steps measure the map")
   att.add_argument("--density", type=_positive_float, default=0.25,
@@ -172,7 +172,8 @@ def attention_config(args, num_steps: int, block_size: int, default_top_k):
     return cfg_lib.StaticWindowConfig(density=args.density, block_size=block, warmup_steps=warmup)
   if args.attention == "oracle":
     return cfg_lib.OracleConfig(density=args.density, block_size=block, warmup_steps=warmup)
-  interval = args.interval if args.interval is not None else max(1, round(num_steps * 10 / 50))
+  # at least 2: with interval 1 every step after the warm-up is a refresh, none sparse
+  interval = args.interval if args.interval is not None else max(2, round(num_steps * 10 / 50))
   top_k = default_top_k if args.top_k is None else args.top_k
   return cfg_lib.MODConfig(block_size=block, warmup_steps=warmup, interval=interval,
                            top_k=top_k, refresh=args.refresh)
