@@ -12,6 +12,12 @@ an "e2e" JSON.
 Random weights make MOD's predicted masks meaningless for quality, so the
 "fixed_lines" mode runs a fixed MOD-shaped mask at the target density from
 step 0 to isolate system speed. --tiny runs each family's tiny config on CPU.
+
+--run-steps K (< --steps) runs only K steps of each mode (MOD with warm-up 3 and
+interval 2, so that every step kind occurs) and projects the --steps run from the
+per-kind median step times of that same run and the step kinds of the full
+schedule: "projected_total_s". For shapes whose 50 dense steps take longer than a
+device call (HunyuanVideo 720p, CogVideoX-1.5 768x1360).
 """
 
 from __future__ import annotations
@@ -113,12 +119,16 @@ def random_params(shapes, key):
       else jnp.ones(s.shape, s.dtype) for k, s in zip(keys, leaves)])
 
 
-def modes(n_blocks: int, target_density: float, steps: int = 50):
+def mod_schedule(steps: int) -> dict:
+  """MOD warm-up and interval for a `steps`-step run (12 and 10 at 50 steps)."""
+  return dict(warmup_steps=max(2, round(12 * steps / 50)), interval=max(1, round(10 * steps / 50)))
+
+
+def modes(n_blocks: int, target_density: float, steps: int = 50, short: bool = False):
   # Random weights give near-uniform maps: about half of the kept lines land in
   # a row (columns first, then short diagonals), so 2 x density x n lines.
   top_k = max(1, int(round(2 * target_density * n_blocks)))
-  mod = dict(top_k=top_k, warmup_steps=max(2, round(12 * steps / 50)),
-             interval=max(1, round(10 * steps / 50)))
+  mod = dict(top_k=top_k, **(dict(warmup_steps=3, interval=2) if short else mod_schedule(steps)))
   return {
       "dense_cudnn": modjax.DenseConfig(implementation="cudnn"),
       "dense_pallas": modjax.StaticMaskConfig(density=1.0, pattern="lines", warmup_steps=0),
@@ -126,6 +136,20 @@ def modes(n_blocks: int, target_density: float, steps: int = 50):
       "mod_refresh_sparse": modjax.MODConfig(refresh="sparse", **mod),
       "fixed_lines": modjax.StaticMaskConfig(density=target_density, pattern="lines", warmup_steps=0),
   }
+
+
+def full_step_kinds(attention, geom: policies.Geometry, steps: int) -> np.ndarray:
+  """The step kinds of the full `steps`-step run of this mode (for projections)."""
+  return np.asarray(policies.make_policy(attention, geom).step_kinds(steps))
+
+
+def project(by_kind: dict, kinds: np.ndarray) -> float | None:
+  """Seconds of a run with these step kinds at the measured per-kind step times
+  (None when a kind of the full run was not measured)."""
+  names = [StepKind(k).name.lower() for k in kinds]
+  if any(n not in by_kind for n in names):
+    return None
+  return sum(by_kind[n] for n in names) / 1e3
 
 
 def run_mode(model: Model, params, context, neg, latent, attention, steps):
@@ -163,7 +187,13 @@ def main():
   ap.add_argument("--checkpoint", default=None, help="diffusers Wan transformer folder")
   ap.add_argument("--tiny", action="store_true", help="the family's tiny config (CPU smoke)")
   ap.add_argument("--max-minutes", type=float, default=1e9)
+  ap.add_argument("--run-steps", type=int, default=None,
+                  help="run only this many steps per mode and project the --steps run")
   args = ap.parse_args()
+  run_steps = args.run_steps or args.steps
+  if not 4 <= run_steps <= args.steps:
+    raise SystemExit(f"--run-steps must be in [4, --steps={args.steps}], got {run_steps}")
+  short = run_steps < args.steps
   start = time.perf_counter()
   model = build_model(args.model, args.tiny)
   if args.checkpoint:
@@ -185,34 +215,43 @@ def main():
     layout = model.family.attention_layout(*latent)
     tokens = layout.seq_len
     block = 64 if args.tiny else 128
-    video_blocks = policies.Geometry.from_layout(layout, batch=1, block_size=block).num_blocks
+    geom = policies.Geometry.from_layout(layout, batch=1, block_size=block)
+    video_blocks = geom.num_blocks
     for name in args.modes.split(","):
       if (time.perf_counter() - start) / 60 > args.max_minutes:
         print(f"time budget reached, skipping {shape}/{name}")
         continue
-      attention = modes(video_blocks, args.density, args.steps)[name]
+      attention = modes(video_blocks, args.density, run_steps, short)[name]
       if hasattr(attention, "block_size"):
         attention = dataclasses.replace(attention, block_size=block)
       if args.tiny and name == "dense_cudnn":
         attention = modjax.DenseConfig()  # cuDNN needs a GPU
       try:
-        r = run_mode(model, params, context, neg, latent, attention, args.steps)
+        r = run_mode(model, params, context, neg, latent, attention, run_steps)
+        if short:
+          full = modes(video_blocks, args.density, args.steps)[name]
+          if hasattr(full, "block_size"):
+            full = dataclasses.replace(full, block_size=block)
+          r["projected_total_s"] = project(r["per_step_ms_by_kind"],
+                                           full_step_kinds(full, geom, args.steps))
       except Exception as e:  # keep going: one failing mode must not lose the others
         r = dict(error=repr(e)[:400])
       stats = jax.devices()[0].memory_stats() or {}
       rows.append(dict(mode=name, model=args.model, frames=frames, height=height, width=width,
                        tokens=tokens, video_tokens=layout.video_tokens, steps=args.steps,
+                       run_steps=run_steps,
                        peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30, **r))
       print(json.dumps(rows[-1]), flush=True)
       with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-  base = {r["height"]: r for r in rows if r["mode"] == "dense_cudnn" and "total_s" in r}
-  print(f"{'mode':20s} {'tokens':>7s} {'total s':>8s} {'ms/step':>8s} {'sparsity':>8s} {'speedup':>7s}")
+  total = "projected_total_s" if short else "total_s"
+  base = {r["height"]: r for r in rows if r["mode"] == "dense_cudnn" and r.get(total)}
+  print(f"{'mode':20s} {'tokens':>7s} {total:>17s} {'ms/step':>8s} {'sparsity':>8s} {'speedup':>7s}")
   for r in rows:
-    if "total_s" in r:
+    if r.get(total):
       b = base.get(r["height"])
-      sp = b["total_s"] / r["total_s"] if b else float("nan")
-      print(f"{r['mode']:20s} {r['tokens']:7d} {r['total_s']:8.1f} {r['per_step_ms']:8.0f} "
+      sp = b[total] / r[total] if b else float("nan")
+      print(f"{r['mode']:20s} {r['tokens']:7d} {r[total]:17.1f} {r['per_step_ms']:8.0f} "
             f"{r['sparsity']:8.1%} {sp:7.2f}x")
 
 
