@@ -86,18 +86,22 @@ def kernel_table(runs):
 
 
 def e2e_table(runs):
+  """One row per (mode, shape). Runs made with --run-steps K show the total of the
+  --steps run projected from per-kind step times of that K-step run ("proj.")."""
   lines = []
   for name, run in runs:
     rows = [r for r in run["rows"] if "total_s" in r]
-    base = {r["tokens"]: r["total_s"] for r in rows if r["mode"] == "dense_cudnn"}
+    total = lambda r: r.get("projected_total_s") or r["total_s"]
+    base = {r["tokens"]: total(r) for r in rows if r["mode"] == "dense_cudnn"}
     lines += [f"`{name}` ({run['card']}, jax {run['jax']}, {run.get('model', '')})", "",
               "| mode | video | tokens | steps | total s | ms/step by kind | sparsity | peak GB | speedup |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
       kinds = ", ".join(f"{k} {v:.0f}" for k, v in r["per_step_ms_by_kind"].items())
-      sp = f"{base[r['tokens']] / r['total_s']:.2f}x" if r["tokens"] in base else ""
+      sp = f"{base[r['tokens']] / total(r):.2f}x" if r["tokens"] in base else ""
+      proj = (f" (proj. from {r['run_steps']})" if r.get("projected_total_s") else "")
       lines.append(f"| {r['mode']} | {r['frames']}x{r['height']}x{r['width']} | {r['tokens']} | "
-                   f"{r['steps']} | {r['total_s']:.1f} | {kinds} | {r['sparsity']:.1%} | "
+                   f"{r['steps']} | {total(r):.1f}{proj} | {kinds} | {r['sparsity']:.1%} | "
                    f"{r['peak_mem_gb']:.1f} | {sp} |")
     lines.append("")
   return lines
