@@ -20,8 +20,11 @@ modes of pallas_kernels.quantize; the sparse rows of a quantized precision
 time the public call, quantization included) and, beside rel_err, "cos_sim":
 the mean over query rows and heads of the cosine similarity with the float32
 reference. --outliers N multiplies N random key tokens by 50 in every input
-set (the check set real models need: K token outliers). --cogvideo: head_dim
-64, 17550 tokens, 30 heads (CogVideoX), densities 0.25 / 0.2 / 0.1.
+set (the check set real models need: K token outliers). --family NAME takes a
+family's attention shape (FAMILIES: CogVideoX 1.0 and 1.5 with head_dim 64,
+HunyuanVideo 720p with 24 heads of 128; the whole joint sequence, text included;
+"mod" masks use the family's tokens per latent frame); --cogvideo is --family
+cogvideox.
 
 Every timed row has rel_err = ||out - ref|| / ||ref|| against a float32
 reference on the same mask (computed for the first --ref-heads heads, query
@@ -85,8 +88,17 @@ def _tiling_list(text: str):
 # ----------------------------------------------------------------------------
 # Masks.
 
+# --family shapes: (joint sequence length, heads, head_dim, tokens per latent frame).
+FAMILIES = {
+    "cogvideox": (17550, 30, 64, 1350),        # CogVideoX-5B, 49 frames 480x720 (video only)
+    "cogvideox1.5": (45106, 48, 64, 4080),     # CogVideoX-1.5-5B, 81 frames 768x1360 (+226 text)
+    "hunyuan720p": (119056, 24, 128, 3600),    # HunyuanVideo, 129 frames 720x1280 (+256 text)
+}
+_FRAME_TOKENS = {seq: frame for seq, _, _, frame in FAMILIES.values()}
+
+
 def tokens_per_frame(seq_len: int) -> int:
-  return 1560 if seq_len <= 40000 else 3600
+  return _FRAME_TOKENS.get(seq_len, 1560 if seq_len <= 40000 else 3600)
 
 
 def random_block_mask(rng, heads: int, n: int, density: float) -> np.ndarray:
@@ -801,8 +813,11 @@ def parse_args(argv=None):
   p.add_argument("--cudnn-fp8", action="store_true", help="time jax's cuDNN FP8 attention")
   p.add_argument("--outliers", type=int, default=0,
                  help="key tokens multiplied by 50 in every input set")
-  p.add_argument("--cogvideo", action="store_true",
-                 help="CogVideoX shapes: head_dim 64, 17550 tokens, 30 heads")
+  p.add_argument("--family", default=None, choices=sorted(FAMILIES),
+                 help="a family's attention shape: " + ", ".join(
+                     f"{k} {s} tokens x {h} heads of {d}" for k, (s, h, d, _) in FAMILIES.items()))
+  p.add_argument("--cogvideo", dest="family", action="store_const", const="cogvideox",
+                 help="--family cogvideox")
   p.add_argument("--runs", type=int, default=20)
   p.add_argument("--ref-heads", type=int, default=2,
                  help="heads checked against the f32 reference")
@@ -843,10 +858,10 @@ def parse_args(argv=None):
       args.densities = args.densities or [1.0, 0.25, 0.1]
       args.sweep_seq_lens = [16384]
       args.sweep_densities = [0.25]
-  if args.cogvideo:
-    args.head_dim = 64
-    args.seq_lens = args.seq_lens or [17550]
-    args.heads = args.heads or [30]
+  if args.family:
+    seq, heads, args.head_dim, _ = FAMILIES[args.family]
+    args.seq_lens = args.seq_lens or [seq]
+    args.heads = args.heads or [heads]
     args.densities = args.densities or [1.0, 0.25, 0.2, 0.1]
   args.seq_lens = args.seq_lens or list(SEQ_LENS) + ([LONG_SEQ_LEN] if args.long else [])
   args.heads = args.heads or list(HEADS)
