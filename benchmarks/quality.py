@@ -57,6 +57,7 @@ import modjax
 from modjax import config as config_lib
 from modjax import pipelines
 from modjax.schedule import StepKind
+from pallas_kernels.quantize import PRECISIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -252,23 +253,35 @@ class ModRun:
   preset: str = "ours"
   dense_layers: int = 0
   name: str = ""          # e.g. "run_wan.sh"
+  precision: str = "bf16"          # kernel precision of sparse steps
+  dense_precision: str = "bf16"    # ... of the warm-up, map and dense-refresh steps
+
+  @property
+  def quantized(self) -> bool:
+    return (self.precision, self.dense_precision) != ("bf16", "bf16")
 
   @property
   def label(self) -> str:
     head = {"ours": "mod", "reference": "reference"}[self.preset]
     extra = f" L{self.dense_layers}-dense" if self.dense_layers else ""
     tag = f" ({self.name})" if self.name else ""
+    quant = (f" [{self.precision} sparse, {self.dense_precision} dense]" if self.quantized else "")
     return (f"{head} k{self.top_k} W{self.warmup_steps} T{self.interval} {self.refresh}-refresh"
-            f"{extra}{tag}")
+            f"{extra}{tag}{quant}")
 
   @property
   def family(self) -> str:
-    return ("reference_" if self.preset == "reference" else "mod_") + self.refresh + "_refresh"
+    head = ("reference_" if self.preset == "reference" else "mod_") + self.refresh + "_refresh"
+    return ("quantized_" if self.quantized else "") + head
+
+  def bf16(self) -> "ModRun":
+    return dataclasses.replace(self, precision="bf16", dense_precision="bf16")
 
   def config(self, refresh: Optional[str] = None) -> modjax.MODConfig:
     fields = dict(block_size=self.block_size, warmup_steps=self.warmup_steps,
                   interval=self.interval, top_k=self.top_k, refresh=refresh or self.refresh,
-                  dense_layers=self.dense_layers)
+                  dense_layers=self.dense_layers, precision=self.precision,
+                  dense_precision=self.dense_precision)
     if self.preset == "reference":
       return modjax.MODConfig.reference(**fields)
     return modjax.MODConfig(**fields)
@@ -276,7 +289,8 @@ class ModRun:
   def fields(self) -> dict:
     return dict(top_k=self.top_k, warmup_steps=self.warmup_steps, interval=self.interval,
                 refresh=self.refresh, block_size=self.block_size, preset=self.preset,
-                dense_layers=self.dense_layers)
+                dense_layers=self.dense_layers, precision=self.precision,
+                dense_precision=self.dense_precision)
 
 
 def default_sweep(steps: int, block_size: int, n: int, *, top_ks=(0.08, 0.05, 0.12),
@@ -309,6 +323,21 @@ def default_sweep(steps: int, block_size: int, n: int, *, top_ks=(0.08, 0.05, 0.
     runs += [ModRun(top_ks[0], w, t, "dense", block_size),
              ModRun(top_ks[0], w, t, "sparse", block_size, dense_layers=1)]
   return runs
+
+
+def with_quantized(runs: list, precision: str, dense_precision: Optional[str]) -> list:
+  """Each sparse-refresh run of ours followed by its quantized twins: `precision` on
+  the sparse steps (bf16 warm-up), and with `dense_precision` also that on the
+  warm-up, map and refresh steps. Same seeds and noise, so quantized_vs_bf16 pairs
+  them seed by seed."""
+  out = []
+  for run in runs:
+    out.append(run)
+    if run.preset == "ours" and run.refresh == "sparse" and not run.dense_layers:
+      out.append(dataclasses.replace(run, precision=precision))
+      if dense_precision:
+        out.append(dataclasses.replace(run, precision=precision, dense_precision=dense_precision))
+  return out
 
 
 def oracle_keep(density: float, n: int) -> int:
@@ -355,6 +384,7 @@ def _stats(values: np.ndarray) -> tuple[float, float]:
 
 
 T_UNBOUNDED = 1e6
+QUANT_DB = 0.3   # quantized vs bf16 MOD-DiT: mean PSNR within this, same seeds
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
@@ -459,6 +489,8 @@ def run_quality(model: pipelines.LoadedModel, setup: Setup, pairs, mod_runs, *,
       continue
     row["run"] = dataclasses.asdict(run)
     group = [row]
+    if run.quantized:  # compared with its bf16 twin only (quantized_vs_bf16)
+      continue
     if baselines:
       for family, method, attention, bfields in baselines_for(run, row["sparsity_post_warmup"]):
         group.append(measure(family, method, attention, bfields))
@@ -516,6 +548,10 @@ def compare(rows: list, n: int) -> list:
     if r["family"].startswith("reference_"):
       key = (r["top_k"], r["warmup_steps"], r["interval"], r["refresh"], r.get("dense_layers", 0))
       add("ours_vs_reference", ours.get(key), r)
+  plain = {r["method"]: r for r in rows if not r["family"].startswith("quantized_")}
+  for r in rows:
+    if r["family"].startswith("quantized_"):
+      add("quantized_vs_bf16", r, plain.get(ModRun(**r["run"]).bf16().label))
   return out
 
 
@@ -525,7 +561,9 @@ def verdicts(rows: list, comparisons: list) -> dict:
     sparsity counted over every post-warm-up step beats both its static window
     and its warm-up reuse with a paired t >= 2 (and at least one such run exists);
   oracle_upper_bound: no method beats the mass oracle at its density beyond noise
-    (every paired t of oracle - method > -2)."""
+    (every paired t of oracle - method > -2);
+  quantized_within (only with quantized runs): every quantized MOD-DiT run's mean
+    PSNR is within QUANT_DB of its bf16 twin's, paired over the same seeds."""
   qualifying = [r for r in rows if r["family"] == "mod_sparse_refresh"
                 and r["sparsity_post_warmup"] >= MOD_SPARSITY_FLOOR]
   per_run = []
@@ -540,7 +578,13 @@ def verdicts(rows: list, comparisons: list) -> dict:
                         passed=ok))
   oracle = [c for c in comparisons if c["kind"] == "oracle_vs_method"]
   worst = min(oracle, key=lambda c: c["t"]) if oracle else None
-  return dict(
+  quant = [c for c in comparisons if c["kind"] == "quantized_vs_bf16"]
+  extra = {}
+  if quant:
+    extra["quantized_within"] = dict(
+        passed=all(abs(c["mean"]) <= QUANT_DB for c in quant), db=QUANT_DB,
+        runs=[dict(method=c["a"], mean=c["mean"], t=c["t"]) for c in quant])
+  return dict(**extra,
       mod_beats_baselines=dict(passed=bool(per_run) and all(p["passed"] for p in per_run),
                                runs=per_run, floor=MOD_SPARSITY_FLOOR, t_min=T_WIN),
       oracle_upper_bound=dict(passed=bool(oracle) and all(c["t"] > T_NOISE for c in oracle),
@@ -574,6 +618,11 @@ def verdict_lines(result: dict) -> list:
       w = orc["worst"]
       lines.append(f"  {orc['compared']} methods compared; closest: {w['oracle']} - {w['method']} "
                    f"= {w['mean']:+.2f} dB, t {w['t']:+.2f}")
+  quant = v.get("quantized_within")
+  if quant is not None:
+    lines.append(f"VERDICT quantized MOD-DiT within {quant['db']} dB of bf16 MOD-DiT in mean PSNR "
+                 f"(same seeds): {'PASS' if quant['passed'] else 'FAIL'}")
+    lines += [f"  {r['method']}: {r['mean']:+.3f} dB (t {r['t']:+.2f})" for r in quant["runs"]]
   return lines
 
 
@@ -724,6 +773,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--quick", action="store_true",
                  help="CPU smoke: 2 pairs, 4 frames, 8 steps, block 64, three MOD runs (ours, "
                       "reference, run_wan.sh); outputs go to a temp folder unless given")
+  p.add_argument("--precision", default=None, choices=[x for x in PRECISIONS if x != "bf16"],
+                 help="add quantized twins of our sparse-refresh runs: this kernel precision "
+                      "on sparse steps (quantized_vs_bf16 compares them, same seeds)")
+  p.add_argument("--dense-precision", default=None, choices=[x for x in PRECISIONS if x != "bf16"],
+                 help="with --precision: one more twin quantizing the warm-up, map and "
+                      "refresh steps too")
   p.add_argument("--max-minutes", type=float, default=None,
                  help="start no new run after this many minutes (results so far are kept)")
   p.add_argument("--out-dir", default=None, help="put the JSON, plot and GIF (default names) here")
@@ -757,6 +812,10 @@ def main(argv=None) -> int:
     mod_runs = [mod_runs[0], mod_runs[len(top_ks)], mod_runs[len(top_ks) + 2]]
   if args.runs is not None:
     mod_runs = mod_runs[:max(args.runs, 0)]
+  if args.dense_precision and not args.precision:
+    raise SystemExit("--dense-precision needs --precision (the sparse steps' precision)")
+  if args.precision:
+    mod_runs = with_quantized(mod_runs, args.precision, args.dense_precision)
 
   card = card_slug(jax.devices()[0].device_kind)
   date = datetime.date.today().isoformat()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
+from pallas_kernels.quantize import PRECISIONS
+
 BLOCK_SIZES = (64, 128)
 REFRESH_MODES = ("dense", "sparse", "none")
 FIRST_MASKS = ("extrapolate", "last_map")
@@ -32,16 +34,37 @@ def _check_common(cfg, min_warmup: int = 2):
   _check(cfg.implementation in SPARSE_IMPLEMENTATIONS,
          f"implementation must be one of {SPARSE_IMPLEMENTATIONS}, got {cfg.implementation!r}")
   _check(cfg.dense_layers >= 0, f"dense_layers must be >= 0, got {cfg.dense_layers!r}")
+  _check_precisions(cfg)
+
+
+def _check_precisions(cfg):
+  """precision (block-sparse steps) and dense_precision (dense warm-up, map and
+  dense-refresh steps): PRECISIONS of pallas_kernels.quantize. A quantized dense
+  step runs our kernel in dense mode (cuDNN and XLA attention are 16-bit), so it
+  cannot also name a dense_implementation."""
+  for name in ("precision", "dense_precision"):
+    _check(getattr(cfg, name) in PRECISIONS,
+           f"{name} must be one of {PRECISIONS}, got {getattr(cfg, name)!r}")
+  _check(cfg.dense_precision == "bf16" or cfg.dense_implementation is None,
+         f"dense_precision={cfg.dense_precision!r} runs dense steps on our kernel; "
+         f"dense_implementation must be None, got {cfg.dense_implementation!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
-  """Full attention every step (the quality and speed reference)."""
+  """Full attention every step (the quality and speed reference). precision other
+  than "bf16" runs every step on our kernel in dense mode, quantized."""
   implementation: Optional[str] = None  # dense backend: None (auto), "xla", "cudnn"
+  precision: str = "bf16"
 
   def __post_init__(self):
     _check(self.implementation in (None, "xla", "cudnn"),
            f"DenseConfig.implementation must be None, 'xla' or 'cudnn', got {self.implementation!r}")
+    _check(self.precision in PRECISIONS,
+           f"DenseConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+    _check(self.precision == "bf16" or self.implementation is None,
+           f"DenseConfig.precision={self.precision!r} runs our kernel; implementation must "
+           f"be None, got {self.implementation!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +91,9 @@ class MODConfig:
     block-diagonal heads the trailing partial frame group (their mask does;
     their fit, like ours, leaves the group out of the basis E).
   The diagonal guard (block (i, i) always kept) is ours and applies in every mode.
+  precision / dense_precision: the kernel precision of sparse steps and, apart, of
+    the dense warm-up, map and dense-refresh steps (PRECISIONS; the authors run
+    SageAttention-style INT8 Q K^T with FP8 P V in both): "bf16" is unquantized.
   """
   block_size: int = 128
   warmup_steps: int = 12
@@ -83,6 +109,8 @@ class MODConfig:
   tail_block_diagonal: bool = False
   implementation: Optional[str] = None
   dense_implementation: Optional[str] = None
+  precision: str = "bf16"
+  dense_precision: str = "bf16"
 
   def __post_init__(self):
     _check_common(self)
@@ -143,6 +171,8 @@ class StaticMaskConfig:
   dense_layers: int = 0
   implementation: Optional[str] = None
   dense_implementation: Optional[str] = None
+  precision: str = "bf16"
+  dense_precision: str = "bf16"
 
   def __post_init__(self):
     _check_common(self, min_warmup=0)
@@ -169,6 +199,8 @@ class OracleConfig:
   dense_layers: int = 0
   implementation: Optional[str] = None
   dense_implementation: Optional[str] = None
+  precision: str = "bf16"
+  dense_precision: str = "bf16"
 
   def __post_init__(self):
     _check_common(self, min_warmup=0)

@@ -34,7 +34,10 @@ class AttentionControl:
   block_mask: bool [L, B, H, n, n] (one slice per layer), or a
     `pallas_kernels.BlockTable` with the same leading axes; None for dense modes.
     In "oracle" mode an optional bool mask of blocks forced on (dense layers).
-  Cross-attention is always dense, through `implementation`.
+  Cross-attention is always dense, through `implementation`, unquantized.
+  precision: kernel precision of the sparse and oracle modes; dense_precision: of
+    "dense" and "dense_map" (pallas_kernels.PRECISIONS). A quantized "dense" runs
+    our kernel with no mask (through `sparse_implementation`), not cuDNN / XLA.
   parallel: a `modjax.sharding.Parallel` (static): both attentions run under its
     mesh (Ulysses all-to-alls around self-attention); None calls the kernels
     directly. head_order: int32 [L, B, H] (slot -> head) under head balancing:
@@ -56,6 +59,8 @@ class AttentionControl:
   record_recall: bool = struct.field(pytree_node=False, default=False)
   head_order: Optional[Any] = None
   parallel: Optional[Any] = struct.field(pytree_node=False, default=None)
+  precision: str = struct.field(pytree_node=False, default="bf16")
+  dense_precision: str = struct.field(pytree_node=False, default="bf16")
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -89,6 +94,10 @@ class AttentionControl:
   def _self_attention(self, q, k, v, block_mask):
     """self_attention on the heads at hand, with their block_mask (not self's)."""
     if self.mode == "dense":
+      if self.dense_precision != "bf16":
+        return pallas_kernels.block_sparse_attention(
+            q, k, v, None, block_size=self.block_size, implementation=self.sparse_implementation,
+            precision=self.dense_precision), {}
       return dense_attention(q, k, v, implementation=self.implementation), {}
     if self.mode == "oracle":
       if self.video_blocks is None:
@@ -101,19 +110,21 @@ class AttentionControl:
       if block_mask is not None:  # blocks forced on (dense layers)
         mask = mask | block_mask
       out = pallas_kernels.block_sparse_attention(
-          q, k, v, mask, block_size=self.block_size, implementation=self.sparse_implementation)
+          q, k, v, mask, block_size=self.block_size, implementation=self.sparse_implementation,
+          precision=self.precision)
       return out, self._recall_stats(q, k, mask)
     if self.mode == "sparse":
       out = pallas_kernels.block_sparse_attention(
           q, k, v, block_mask, block_size=self.block_size,
-          implementation=self.sparse_implementation)
+          implementation=self.sparse_implementation, precision=self.precision)
       return out, self._recall_stats(q, k, block_mask)
     # Both *_map modes run our flash pass (which yields the row log-sum-exp the
     # map needs) and the QK-only map pass; dense_map passes no mask.
     block_mask = block_mask if self.mode == "sparse_map" else None
+    precision = self.precision if self.mode == "sparse_map" else self.dense_precision
     out, smap = pallas_kernels.block_sparse_attention_with_map(
         q, k, v, block_mask, block_size=self.block_size, threshold=self.threshold,
-        implementation=self.sparse_implementation)
+        implementation=self.sparse_implementation, precision=precision)
     stats = {"sparsity_map": smap}
     if block_mask is not None:
       stats.update(self._recall_stats(q, k, block_mask))

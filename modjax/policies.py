@@ -180,7 +180,9 @@ class DensePolicy:
     return ()
 
   def control(self, state, kind: StepKind) -> AttentionControl:
-    return AttentionControl(mode="dense", implementation=self.config.implementation)
+    c = self.config
+    return AttentionControl(mode="dense", implementation=c.implementation,
+                            dense_precision=c.precision)
 
   def update(self, state, stats, kind: StepKind):
     return state
@@ -201,7 +203,8 @@ class _SparsePolicy:
     return AttentionControl(
         mode=mode, block_mask=block_mask, implementation=c.dense_implementation,
         sparse_implementation=c.implementation, block_size=c.block_size,
-        threshold=getattr(c, "threshold", 1e-4), **extra)
+        threshold=getattr(c, "threshold", 1e-4), precision=c.precision,
+        dense_precision=c.dense_precision, **extra)
 
   def _with_dense_layers(self, mask: jax.Array) -> jax.Array:
     return mask | _layer_dense(self.geom, self.config.dense_layers)
@@ -248,7 +251,7 @@ class MODPolicy(_SparsePolicy):
 
   def control(self, state: MODState, kind: StepKind) -> AttentionControl:
     if kind == StepKind.DENSE:
-      return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
+      return self._control("dense")
     if kind == StepKind.MAP or (kind == StepKind.REFRESH and self.config.refresh == "dense"):
       return self._control("dense_map")
     if kind == StepKind.REFRESH:
@@ -299,7 +302,7 @@ class StaticMaskPolicy(_SparsePolicy):
 
   def control(self, state, kind: StepKind) -> AttentionControl:
     if kind == StepKind.DENSE:
-      return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
+      return self._control("dense")
     return self._control("sparse", state.table)
 
   def update(self, state, stats, kind):
@@ -328,7 +331,7 @@ class OraclePolicy(_SparsePolicy):
 
   def control(self, state, kind: StepKind) -> AttentionControl:
     if kind == StepKind.DENSE:
-      return AttentionControl(mode="dense", implementation=self.config.dense_implementation)
+      return self._control("dense")
     forced = None
     g = self.geom
     if self.config.dense_layers:  # blocks forced on: every block of the dense layers

@@ -1,5 +1,6 @@
 """benchmarks/quality.py: the PSNR/SSIM metrics, and a smoke run of the sweep on the tiny model."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -229,3 +230,37 @@ def test_cli_writes_json_plot_gif_and_verdicts(tmp_path, capsys):
   out = capsys.readouterr().out.rstrip().splitlines()
   verdicts = [line for line in out if line.startswith("VERDICT")]
   assert len(verdicts) == 2 and all(v.endswith(("PASS", "FAIL")) for v in verdicts)
+
+
+def test_quantized_twins_follow_our_sparse_refresh_runs():
+  runs = quality.default_sweep(25, 128, 32, variants=True)
+  twins = quality.with_quantized(runs, "int8_fp8", "fp8")
+  ours_sparse = [r for r in runs if r.preset == "ours" and r.refresh == "sparse" and not r.dense_layers]
+  assert len(twins) == len(runs) + 2 * len(ours_sparse)
+  i = twins.index(ours_sparse[0])
+  a, b = twins[i + 1], twins[i + 2]
+  assert (a.precision, a.dense_precision) == ("int8_fp8", "bf16")
+  assert (b.precision, b.dense_precision) == ("int8_fp8", "fp8")
+  assert a.bf16() == ours_sparse[0] and a.family == "quantized_mod_sparse_refresh"
+  cfg = b.config()
+  assert (cfg.precision, cfg.dense_precision) == ("int8_fp8", "fp8")
+  assert "int8_fp8 sparse, fp8 dense" in b.label and a.label != ours_sparse[0].label
+
+
+def test_quantized_vs_bf16_comparison_and_verdict():
+  rng = np.random.default_rng(1)
+  run = quality.ModRun(0.08, 6, 5, "sparse", 128)
+  q = dataclasses.replace(run, precision="int8_fp8")
+  base = rng.normal(20, 2, size=16)
+  def row(r, psnr):
+    fields = {k: v for k, v in r.fields().items() if k not in ("warmup_steps", "block_size")}
+    return _row(r.label, r.family, psnr, 0.78, run=dataclasses.asdict(r), **fields)
+  close = [row(run, base), row(q, base - 0.1 + 0.05 * rng.normal(size=16))]
+  comps = quality.compare(close, 32)
+  c = next(c for c in comps if c["kind"] == "quantized_vs_bf16")
+  assert c["a"] == q.label and c["b"] == run.label and abs(c["mean"] + 0.1) < 0.05
+  assert not any(c["kind"].startswith("mod_vs_") and c["a"] == q.label for c in comps)
+  assert quality.verdicts(close, comps)["quantized_within"]["passed"]
+  far = [row(run, base), row(q, base - 0.6)]
+  assert not quality.verdicts(far, quality.compare(far, 32))["quantized_within"]["passed"]
+  assert "quantized_within" not in quality.verdicts(close[:1], quality.compare(close[:1], 32))
