@@ -2,7 +2,8 @@
 
 from modjax.pipelines.cogvideox import CogVideoXOutput, CogVideoXPipeline
 from modjax.pipelines.demo import LoadedModel, ModelDefaults, load_model
+from modjax.pipelines.hunyuan import HunyuanVideoOutput, HunyuanVideoPipeline
 from modjax.pipelines.wan import WanOutput, WanPipeline
 
-__all__ = ["CogVideoXOutput", "CogVideoXPipeline", "LoadedModel", "ModelDefaults", "WanOutput",
-           "WanPipeline", "load_model"]
+__all__ = ["CogVideoXOutput", "CogVideoXPipeline", "HunyuanVideoOutput", "HunyuanVideoPipeline",
+           "LoadedModel", "ModelDefaults", "WanOutput", "WanPipeline", "load_model"]
