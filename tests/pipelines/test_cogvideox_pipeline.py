@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 import modjax  # noqa: E402
 from modjax import memory  # noqa: E402
+from modjax.cli import main  # noqa: E402
 from modjax.pipelines import cogvideox as cogvideox_pipeline  # noqa: E402
 from tests.pipelines.tiny_cogvideox import (CHANNELS, tiny_cogvideox_diffusers,
                                             tiny_cogvideox_folder)  # noqa: E402
@@ -180,3 +181,43 @@ def test_folder_errors(tmp_path):
 def test_the_note_says_what_is_missing():
   assert "no CogVideoX VAE" in cogvideox_pipeline.NO_VAE
   assert "scaling_factor" in cogvideox_pipeline.NO_VAE
+
+
+def _cli_error(args, capsys):
+  assert main(["sample", "--no-progress"] + args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:"), err
+  return err[0]
+
+
+def test_cli_prompt_to_npy_latents(root, tmp_path, capsys, monkeypatch):
+  """`python -m modjax sample --checkpoint` dispatches on model_index.json; CogVideoX
+  writes the latents (default sample.npy) and says why there is no video."""
+  monkeypatch.chdir(tmp_path)
+  rc = main(["sample", "--checkpoint", str(tiny_cogvideox_folder(root, "5b")), "--prompt", PROMPT,
+             "--height", "32", "--width", "48", "--num-frames", "9", "--steps", "3",
+             "--no-progress"])
+  assert rc == 0
+  text = capsys.readouterr().out
+  for stage in ("text encoding", "compiled", "denoised", "wrote latents to sample.npy",
+                "no CogVideoX VAE"):
+    assert stage in text, stage
+  latents = np.load(tmp_path / "sample.npy")
+  assert latents.shape == (1, CHANNELS, 3, 4, 6) and np.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "x.gif"], "--out must end in one of ('.npy',) (modjax has no CogVideoX VAE"),
+    (["--flow-shift", "3"], "--flow-shift does not apply to CogVideoX"),
+    (["--fps", "8"], "--fps: a CogVideoX checkpoint writes latents"),
+    (["--prompt-embeds", "x.npz"], "--prompt-embeds applies to HunyuanVideo checkpoints"),
+])
+def test_cli_bad_arguments_give_one_clear_error_line(root, args, message, capsys):
+  folder = str(tiny_cogvideox_folder(root, "5b"))
+  assert message in _cli_error(["--checkpoint", folder, "--prompt", PROMPT] + args, capsys)
+
+
+def test_cli_refuses_other_pipeline_classes(tmp_path, capsys):
+  (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+  line = _cli_error(["--checkpoint", str(tmp_path), "--prompt", PROMPT], capsys)
+  assert "holds a 'FluxPipeline'; supported: WanPipeline, CogVideoXPipeline" in line

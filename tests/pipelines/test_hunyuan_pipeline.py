@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 import modjax  # noqa: E402
 from modjax import memory  # noqa: E402
+from modjax.cli import main  # noqa: E402
 from tests.pipelines.tiny_hunyuan import (CHANNELS, POOLED_DIM, TEXT_DIM, prompt_embeddings,
                                           tiny_hunyuan_diffusers, tiny_hunyuan_folder)  # noqa: E402
 
@@ -173,3 +174,47 @@ def test_folder_errors(tmp_path):
   (bad / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
   with pytest.raises(ValueError, match="_class_name must be 'HunyuanVideoPipeline'"):
     modjax.HunyuanVideoPipeline.from_pretrained(bad)
+
+
+def _cli_error(args, capsys):
+  assert main(["sample", "--no-progress"] + args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:"), err
+  return err[0]
+
+
+def test_cli_prompt_embeds_to_npy_latents(root, pipe, tmp_path, capsys):
+  """`python -m modjax sample --checkpoint` with --prompt-embeds: the latents of the
+  Python call, written to .npy."""
+  embeds = tmp_path / "embeds.npz"
+  np.savez(embeds, **prompt_embeddings())
+  out = tmp_path / "latents.npy"
+  rc = main(["sample", "--checkpoint", str(tiny_hunyuan_folder(root)), "--prompt-embeds",
+             str(embeds), "--height", "32", "--width", "48", "--num-frames", "9", "--steps", "3",
+             "--seed", "5", "--no-progress", "--out", str(out)])
+  assert rc == 0
+  text = capsys.readouterr().out
+  for stage in ("compiled", "denoised", f"wrote latents to {out}", "no HunyuanVideo VAE"):
+    assert stage in text, stage
+  expected = pipe(**prompt_embeddings(), **{**SMALL, "num_inference_steps": 3}, seed=5).latents
+  np.testing.assert_allclose(np.load(out), expected, atol=1e-6, rtol=0)
+
+
+def test_cli_bad_arguments_give_one_clear_error_line(root, tmp_path, capsys):
+  folder = str(tiny_hunyuan_folder(root))
+  embeds = tmp_path / "embeds.npz"
+  np.savez(embeds, **prompt_embeddings())
+  partial = tmp_path / "partial.npz"
+  np.savez(partial, prompt_embeds=np.zeros((1, 3, TEXT_DIM), np.float32))
+  cases = [
+      (["--prompt", "a cat"], "--prompt: HunyuanVideo's text encoders are not ported"),
+      ([], "a HunyuanVideo --checkpoint needs --prompt-embeds FILE.npz"),
+      (["--prompt-embeds", str(tmp_path / "none.npz")], "--prompt-embeds file does not exist"),
+      (["--prompt-embeds", str(embeds), "--devices", "2", "--cfg-parallel"],
+       "--cfg-parallel needs classifier-free guidance"),
+      (["--prompt-embeds", str(embeds), "--out", "x.mp4"], "--out must end in one of ('.npy',)"),
+      (["--prompt-embeds", str(partial), "--out", str(tmp_path / "x.npy")],
+       "lacks the arrays ['prompt_attention_mask', 'pooled_prompt_embeds']"),
+  ]
+  for args, message in cases:
+    assert message in _cli_error(["--checkpoint", folder] + args, capsys), args
