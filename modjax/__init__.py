@@ -31,7 +31,8 @@ from modjax.schedule import StepKind, flow_sigmas, mod_step_kinds
 from modjax.schedulers import FlowEuler, FlowUniPC, from_diffusers_config
 
 __all__ = [
-    "AttentionControl", "CogVideoXPipeline", "HunyuanVideoPipeline", "WanPipeline", "DenseConfig", "FlowEuler", "FlowUniPC", "Geometry", "MODConfig",
+    "AttentionControl", "CogVideoXPipeline", "HunyuanVideoPipeline", "WanPipeline",
+    "DenseConfig", "FlowEuler", "FlowUniPC", "Geometry", "MODConfig",
     "MODState", "OracleConfig", "PatternFeatures",
     "SampleOutput", "Sampler", "SamplerSettings", "StaticMaskConfig", "StaticWindowConfig", "StepKind",
     "fit_pattern_features", "flow_sigmas", "from_diffusers_config", "max_row_width", "mod_step_kinds",
