@@ -8,6 +8,9 @@ Public API:
   AttentionControl: what a step asks of attention. callbacks: progress and timers.
   FlowEuler, FlowUniPC, from_diffusers_config: schedulers as scan steppers.
   WanPipeline: prompt -> video from a diffusers Wan2.1 folder (text encoder, DiT, VAE).
+  CogVideoXPipeline: prompt -> latents from a diffusers CogVideoX folder (T5, DiT; no VAE).
+  HunyuanVideoPipeline: precomputed prompt embeddings -> latents from a diffusers
+    HunyuanVideo folder (DiT with embedded guidance; no text encoders, no VAE).
 """
 
 from modjax.config import (
@@ -21,14 +24,15 @@ from modjax.config import (
 from modjax.control import AttentionControl
 from modjax.features import PatternFeatures, fit_pattern_features, reconstruct_map
 from modjax.policies import Geometry, MODState
-from modjax.pipelines import WanPipeline
+from modjax.pipelines import CogVideoXPipeline, HunyuanVideoPipeline, WanPipeline
 from modjax.predict import max_row_width, predict_mask
 from modjax.sampler import SampleOutput, Sampler, SamplerSettings, sample_fn, sparsity
 from modjax.schedule import StepKind, flow_sigmas, mod_step_kinds
 from modjax.schedulers import FlowEuler, FlowUniPC, from_diffusers_config
 
 __all__ = [
-    "AttentionControl", "WanPipeline", "DenseConfig", "FlowEuler", "FlowUniPC", "Geometry", "MODConfig",
+    "AttentionControl", "CogVideoXPipeline", "HunyuanVideoPipeline", "WanPipeline",
+    "DenseConfig", "FlowEuler", "FlowUniPC", "Geometry", "MODConfig",
     "MODState", "OracleConfig", "PatternFeatures",
     "SampleOutput", "Sampler", "SamplerSettings", "StaticMaskConfig", "StaticWindowConfig", "StepKind",
     "fit_pattern_features", "flow_sigmas", "from_diffusers_config", "max_row_width", "mod_step_kinds",

@@ -1,7 +1,12 @@
 """`python -m modjax sample ...`: sample a video and write it (a thin CLI).
 
 Two sources of a model:
-  --checkpoint FOLDER --prompt "..."   a diffusers Wan2.1 folder (text encoder, VAE, UniPC);
+  --checkpoint FOLDER --prompt "..."   a diffusers pipeline folder, by its model_index.json:
+                                       Wan2.1 (text encoder, VAE, UniPC) writes a video;
+                                       CogVideoX (T5, DDIM/DPM) writes latents (.npy: modjax
+                                       has no CogVideoX VAE); HunyuanVideo takes
+                                       --prompt-embeds FILE.npz instead of --prompt (its text
+                                       encoders are not ported) and writes latents (.npy);
   --model demo | tiny | PATH           the shipped pixel-space demo (label-conditioned),
                                        a random tiny smoke model, or a demo export.
 Argument names follow diffusers (height, width, num_frames, num_inference_steps,
@@ -13,6 +18,8 @@ line and exits 2. Stage times (encode, compile, denoise, decode) are printed.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 
@@ -20,6 +27,12 @@ from modjax import config as cfg_lib
 from modjax import video as video_lib
 
 ATTENTION = ("dense", "mod", "static_window", "oracle")
+# model_index.json _class_name of a --checkpoint -> the model it holds; the latent ones
+# write .npy latents (no JAX VAE for them).
+CHECKPOINTS = {"WanPipeline": "Wan2.1", "CogVideoXPipeline": "CogVideoX",
+               "HunyuanVideoPipeline": "HunyuanVideo"}
+LATENT_CHECKPOINTS = ("CogVideoXPipeline", "HunyuanVideoPipeline")
+PROMPT_EMBEDS_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
 
 
 def _positive_int(text: str) -> int:
@@ -90,12 +103,17 @@ def _parser() -> argparse.ArgumentParser:
                      description=__doc__.split("\n\n")[1] if "\n\n" in __doc__ else None)
   src = s.add_argument_group("model")
   src.add_argument("--checkpoint", default=None, metavar="FOLDER",
-                   help="diffusers Wan2.1 pipeline folder (model_index.json, transformer/, vae/, "
-                        "text_encoder/, tokenizer/, scheduler/); needs --prompt")
+                   help="diffusers pipeline folder (model_index.json, transformer/, scheduler/, "
+                        "...): Wan2.1 or CogVideoX (needs --prompt), HunyuanVideo (needs "
+                        "--prompt-embeds)")
   src.add_argument("--model", default=None,
                    help="without --checkpoint: demo | tiny | path of a demo export (.safetensors); "
                         "default demo")
   src.add_argument("--prompt", default=None, help="text prompt (with --checkpoint)")
+  src.add_argument("--prompt-embeds", default=None, metavar="FILE.npz",
+                   help="HunyuanVideo: precomputed prompt_embeds, prompt_attention_mask and "
+                        "pooled_prompt_embeds (e.g. from diffusers' "
+                        "HunyuanVideoPipeline.encode_prompt) in one .npz")
   src.add_argument("--negative-prompt", default=None,
                    help="negative prompt (with --checkpoint; default '' as diffusers)")
   src.add_argument("--label", type=_nonnegative_int, default=None,
@@ -106,21 +124,29 @@ def _parser() -> argparse.ArgumentParser:
                         "float32 on CPU)")
   size = s.add_argument_group("video (pixels and frames of the output)")
   size.add_argument("--height", type=_positive_int, default=None,
-                    help="pixels (Wan: multiple of 16, default 480; demo: 32)")
+                    help="pixels (Wan: multiple of 16, default 480; CogVideoX: the transformer's "
+                         "sample size; HunyuanVideo: 720; demo: 32)")
   size.add_argument("--width", type=_positive_int, default=None,
-                    help="pixels (Wan: multiple of 16, default 832; demo: 32)")
+                    help="pixels (Wan: multiple of 16, default 832; CogVideoX: the transformer's "
+                         "sample size; HunyuanVideo: 1280; demo: 32)")
   size.add_argument("--num-frames", "--frames", dest="num_frames", type=_positive_int, default=None,
-                    help="frames (Wan: 4k+1, default 81; demo: 16)")
+                    help="frames (Wan: 4k+1, default 81; CogVideoX: the transformer's sample "
+                         "frames; HunyuanVideo: 129; demo: 16)")
   size.add_argument("--fps", type=_positive_int, default=None,
                     help="frames per second of the written file (default 16 Wan, 8 demo)")
-  size.add_argument("--out", default="sample.gif", help="output file, .mp4 or .gif")
+  size.add_argument("--out", default=None,
+                    help="output file: a video .mp4 or .gif (default: sample.gif); CogVideoX and "
+                         "HunyuanVideo write latents to .npy (default sample.npy)")
   smp = s.add_argument_group("sampling")
   smp.add_argument("--steps", "--num-inference-steps", dest="steps", type=_positive_int,
-                   default=None, help="denoising steps (default 50 Wan, 25 demo)")
+                   default=None, help="denoising steps (default 50 Wan, 25 demo); 50 CogVideoX "
+                                      "and HunyuanVideo")
   smp.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale, >= 1 (default 5.0 Wan, 4.0 demo)")
+                   help="classifier-free guidance scale, >= 1 (default 5.0 Wan, 4.0 demo, 6.0 "
+                        "CogVideoX); HunyuanVideo: the embedded guidance (default 6.0)")
   smp.add_argument("--flow-shift", "--shift", dest="flow_shift", type=_positive_float, default=None,
-                   help="flow-matching shift (Wan default: 3.0 at 480p, 5.0 at 720p; demo 2.0)")
+                   help="flow-matching shift (Wan default: 3.0 at 480p, 5.0 at 720p; demo 2.0; "
+                        "HunyuanVideo: its scheduler config's)")
   smp.add_argument("--seed", type=_nonnegative_int, default=None,
                    help="noise seed (default 0; demo without --label: the export's showcase seed)")
   att = s.add_argument_group("attention")
@@ -128,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="dense, MOD-DiT, or a baseline")
   att.add_argument("--top-k", type=_top_k, default=None,
                    help="MOD lines kept per head: an int, or a fraction in (0, 1) of the 3n-1 "
-                        "lines (default 350 Wan, 0.15 demo)")
+                        "lines (default 350 Wan, 0.15 demo, 0.45 CogVideoX and HunyuanVideo)")
   att.add_argument("--warmup-steps", type=_nonnegative_int, default=None,
                    help="dense warm-up steps (default 12/50 of --steps, at least 2)")
   att.add_argument("--interval", type=_positive_int, default=None,
@@ -179,9 +205,88 @@ def attention_config(args, num_steps: int, block_size: int, default_top_k):
                            top_k=top_k, refresh=args.refresh)
 
 
+def checkpoint_class(folder: str) -> str:
+  """The `_class_name` of folder/model_index.json, one of CHECKPOINTS; "WanPipeline" when
+  there is no such file (the Wan loader then says what the folder lacks)."""
+  index = os.path.join(folder, "model_index.json")
+  if not os.path.isfile(index):
+    return "WanPipeline"
+  try:
+    with open(index) as f:
+      name = json.load(f).get("_class_name")
+  except (OSError, ValueError, AttributeError) as e:
+    raise ValueError(f"--checkpoint: cannot read {index!r}: {e}") from None
+  if name not in CHECKPOINTS:
+    raise ValueError(f"--checkpoint: {index!r} holds a {name!r}; supported: "
+                     f"{', '.join(CHECKPOINTS)}")
+  return name
+
+
+def _check_prompt_embeds(path: str) -> None:
+  if not path.endswith(".npz"):
+    raise ValueError(f"--prompt-embeds must be a .npz file, got {path!r}")
+  if not os.path.isfile(path):
+    raise ValueError(f"--prompt-embeds file does not exist: {path!r}")
+
+
+def load_prompt_embeds(path: str) -> dict:
+  """The three arrays of a --prompt-embeds .npz, by name."""
+  import numpy as np
+  with np.load(path) as data:
+    missing = [k for k in PROMPT_EMBEDS_KEYS if k not in data.files]
+    if missing:
+      raise ValueError(f"--prompt-embeds {path!r} lacks the arrays {missing} (has "
+                       f"{data.files}); it needs {', '.join(PROMPT_EMBEDS_KEYS)}")
+    return {k: data[k] for k in PROMPT_EMBEDS_KEYS}
+
+
+def _check_checkpoint_args(args, kind: str) -> None:
+  name = CHECKPOINTS[kind]
+  if args.model is not None:
+    raise ValueError("--model and --checkpoint are exclusive: --checkpoint takes a diffusers "
+                     "pipeline folder (Wan2.1, CogVideoX, HunyuanVideo), --model the demo or "
+                     "tiny model")
+  if kind == "HunyuanVideoPipeline":
+    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+      if value is not None:
+        raise ValueError(f"{flag}: HunyuanVideo's text encoders are not ported to modjax; pass "
+                         f"--prompt-embeds FILE.npz ({', '.join(PROMPT_EMBEDS_KEYS)})")
+    if args.prompt_embeds is None:
+      raise ValueError(f"a HunyuanVideo --checkpoint needs --prompt-embeds FILE.npz "
+                       f"({', '.join(PROMPT_EMBEDS_KEYS)}, e.g. from diffusers' "
+                       f"HunyuanVideoPipeline.encode_prompt)")
+    _check_prompt_embeds(args.prompt_embeds)
+    if args.cfg_parallel:
+      raise ValueError("--cfg-parallel needs classifier-free guidance; HunyuanVideo's guidance "
+                       "is embedded (one pass per step)")
+  else:
+    if args.prompt_embeds is not None:
+      raise ValueError(f"--prompt-embeds applies to HunyuanVideo checkpoints; a {name} "
+                       f"checkpoint takes --prompt")
+    if args.prompt is None:
+      raise ValueError("--checkpoint needs --prompt")
+  if args.label is not None:
+    raise ValueError(f"--label applies to the demo model only; a {name} checkpoint takes "
+                     f"{'--prompt-embeds' if kind == 'HunyuanVideoPipeline' else '--prompt'}")
+  if kind in LATENT_CHECKPOINTS and args.fps is not None:
+    raise ValueError(f"--fps: a {name} checkpoint writes latents (.npy), not a video")
+  if kind == "CogVideoXPipeline" and args.flow_shift is not None:
+    raise ValueError("--flow-shift does not apply to CogVideoX (its DDIM / DPM scheduler has "
+                     "no shift)")
+
+
 def _check_args(args) -> None:
-  """What argparse cannot see: combinations, checked before any model loads."""
-  video_lib.check_output_path(args.out)
+  """What argparse cannot see: combinations, checked before any model loads. Sets
+  args.pipeline (the checkpoint's class, or None) and args.out when not given."""
+  args.pipeline = None if args.checkpoint is None else checkpoint_class(args.checkpoint)
+  if args.pipeline in LATENT_CHECKPOINTS:
+    name = CHECKPOINTS[args.pipeline]
+    args.out = "sample.npy" if args.out is None else args.out
+    video_lib.check_output_path(args.out, (".npy",),
+                                f" (modjax has no {name} VAE: it writes the latents)")
+  else:
+    args.out = "sample.gif" if args.out is None else args.out
+    video_lib.check_output_path(args.out)
   if args.density > 1:
     raise ValueError(f"--density must be in (0, 1], got {args.density}")
   if args.guidance_scale is not None and not args.guidance_scale >= 1:
@@ -192,18 +297,12 @@ def _check_args(args) -> None:
     if args.guidance_scale == 1:
       raise ValueError("--cfg-parallel needs classifier-free guidance (--guidance-scale > 1)")
   if args.checkpoint is not None:
-    if args.model is not None:
-      raise ValueError("--model and --checkpoint are exclusive: --checkpoint takes a diffusers "
-                       "Wan2.1 folder, --model the demo or tiny model")
-    if args.prompt is None:
-      raise ValueError("--checkpoint needs --prompt")
-    if args.label is not None:
-      raise ValueError("--label applies to the demo model only; a Wan checkpoint takes --prompt")
+    _check_checkpoint_args(args, args.pipeline)
   else:
     for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
-                        ("--dtype", args.dtype)):
+                        ("--prompt-embeds", args.prompt_embeds), ("--dtype", args.dtype)):
       if value is not None:
-        raise ValueError(f"{flag} needs --checkpoint (a diffusers Wan2.1 folder)")
+        raise ValueError(f"{flag} needs --checkpoint (a diffusers pipeline folder)")
 
 
 def _print_run(kind, out, settings_text, t_compile, t_run, platform, path):
@@ -306,6 +405,45 @@ def sample_wan(args) -> int:
   return 0
 
 
+def sample_latents(args) -> int:
+  """--checkpoint of a CogVideoX or HunyuanVideo folder: the pipeline's latents to .npy."""
+  import numpy as np
+
+  from modjax import callbacks
+  from modjax.pipelines import cogvideox as cogvideox_pipeline
+  from modjax.pipelines import hunyuan as hunyuan_pipeline
+
+  def log(line):
+    print(line, flush=True)
+
+  steps = args.steps or 50
+  cls = (cogvideox_pipeline.CogVideoXPipeline if args.pipeline == "CogVideoXPipeline"
+         else hunyuan_pipeline.HunyuanVideoPipeline)
+  t0 = time.perf_counter()
+  pipe = cls.from_pretrained(args.checkpoint, dtype=args.dtype, mesh=mesh_from_args(args))
+  log(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s")
+  attention = attention_config(args, steps, 128, default_top_k=0.45)
+  progress = () if args.no_progress else (callbacks.TqdmProgress(),)
+  common = dict(num_inference_steps=steps,
+                guidance_scale=6.0 if args.guidance_scale is None else args.guidance_scale,
+                attention=attention, seed=args.seed or 0, callbacks=progress, log=log)
+  if args.pipeline == "CogVideoXPipeline":
+    out = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width,
+               num_frames=args.num_frames, **common)
+  else:
+    out = pipe(**load_prompt_embeds(args.prompt_embeds), height=args.height or 720,
+               width=args.width or 1280, num_frames=args.num_frames or 129,
+               flow_shift=args.flow_shift, **common)
+  np.save(args.out, out.latents)
+  t = out.timings
+  encode = f"encode {t['text_encode']:.1f} s, " if "text_encode" in t else ""
+  print(f"latents={'x'.join(map(str, out.latents.shape))} steps={steps} "
+        f"attention={args.attention} sparsity={out.sparsity:.1%}")
+  print(f"{encode}compile {t['compile']:.1f} s, denoise {t['denoise']:.1f} s on {_where(args)}")
+  print(f"wrote latents to {args.out} ({out.note})")
+  return 0
+
+
 def main(argv=None) -> int:
   try:
     args = _parser().parse_args(argv)
@@ -313,6 +451,8 @@ def main(argv=None) -> int:
     return int(e.code or 0)
   try:
     _check_args(args)
+    if args.pipeline in LATENT_CHECKPOINTS:
+      return sample_latents(args)
     return sample_wan(args) if args.checkpoint else sample_demo(args)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -31,11 +31,12 @@ def to_frames(video: np.ndarray, *, value_range=(-1.0, 1.0)) -> np.ndarray:
   return (np.transpose(x, (1, 2, 3, 0)) * 255.0 + 0.5).astype(np.uint8)
 
 
-def check_output_path(path: str) -> str:
-  """Validate before any work is done: a known suffix and a writable folder."""
+def check_output_path(path: str, suffixes=VIDEO_SUFFIXES, why: str = "") -> str:
+  """Validate before any work is done: a known suffix and a writable folder.
+  why: words after the allowed suffixes in the error (e.g. what the run writes)."""
   suffix = os.path.splitext(path)[1].lower()
-  if suffix not in VIDEO_SUFFIXES:
-    raise ValueError(f"--out must end in one of {VIDEO_SUFFIXES}, got {path!r}")
+  if suffix not in suffixes:
+    raise ValueError(f"--out must end in one of {tuple(suffixes)}{why}, got {path!r}")
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise ValueError(f"--out folder does not exist: {folder!r}")

@@ -21,7 +21,6 @@ would round are refused, and self-attention runs any modjax attention policy
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -37,6 +36,8 @@ from modjax import config as cfg_lib
 from modjax import memory, schedulers
 from modjax import sampler as sampler_lib
 from modjax import sharding as sharding_lib
+from modjax.pipelines import arguments, denoise, estimates, folders
+from modjax.pipelines.stages import Stages
 
 PIPELINE_CLASS = "WanPipeline"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -67,71 +68,20 @@ class WanOutput:
 
 
 def _check_index(folder: Path) -> dict:
-  index_file = folder / "model_index.json"
-  if not index_file.exists():
-    raise FileNotFoundError(
-        f"{str(folder)!r} is not a diffusers pipeline folder: no model_index.json (expected "
-        f"the subfolders {', '.join(COMPONENTS)})")
-  index = read_json(index_file)
-  if index.get("_class_name") != PIPELINE_CLASS:
-    raise ValueError(f"{str(index_file)!r}: _class_name must be {PIPELINE_CLASS!r}, got "
-                     f"{index.get('_class_name')!r}")
-  for key, value in index.items():
-    if key.startswith("_") or key in COMPONENTS:
-      continue
-    if key in _INDEX_FIXED:
-      if value != _INDEX_FIXED[key]:
-        raise ValueError(f"{str(index_file)!r}: {key}={value!r} is not supported "
-                         f"(Wan2.2 options); only {_INDEX_FIXED[key]!r}")
-    elif key in _INDEX_OPTIONAL_EMPTY:
-      if value not in (None, [None, None]):
-        raise ValueError(f"{str(index_file)!r}: {key} (Wan2.2) is not supported")
-    else:
-      raise ValueError(f"{str(index_file)!r}: unknown entry {key!r}; known: "
-                       f"{sorted(COMPONENTS + tuple(_INDEX_FIXED) + _INDEX_OPTIONAL_EMPTY)}")
-  missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-  if missing:
-    raise FileNotFoundError(f"{str(folder)!r} lacks the component folders {missing}")
-  return index
+  return folders.check_model_index(
+      folder, PIPELINE_CLASS, required=COMPONENTS,
+      fixed={k: (v, "Wan2.2 options") for k, v in _INDEX_FIXED.items()},
+      must_be_empty={k: "Wan2.2" for k in _INDEX_OPTIONAL_EMPTY})
 
 
 def _validate_call(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
                    guidance_scale, seed, patch_hw):
-  def positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
-  if isinstance(prompt, str):
-    prompts = [prompt]
-  elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-    prompts = list(prompt)
-  else:
-    raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
-  if negative_prompt is None:
-    negatives = [""] * len(prompts)           # diffusers' default
-  elif isinstance(negative_prompt, str):
-    negatives = [negative_prompt] * len(prompts)
-  elif (isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) == len(prompts)
-        and all(isinstance(p, str) for p in negative_prompt)):
-    negatives = list(negative_prompt)
-  else:
-    raise ValueError(f"negative_prompt must be None, a str, or a list of {len(prompts)} str, "
-                     f"got {negative_prompt!r}")
-  for name, value in (("height", height), ("width", width), ("num_frames", num_frames),
-                      ("num_inference_steps", num_inference_steps)):
-    positive_int(name, value)
-  multiple = VAE_SPATIAL * patch_hw
-  for name, value in (("height", height), ("width", width)):
-    if value % multiple:
-      raise ValueError(f"{name} must be a multiple of {multiple} pixels (VAE x{VAE_SPATIAL}, "
-                       f"patch {patch_hw}), got {value}")
-  if (num_frames - 1) % VAE_TEMPORAL:
-    lo = (num_frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
-    raise ValueError(f"num_frames must be 4k+1 (1, 5, ..., 81, ...), got {num_frames}; "
-                     f"nearest: {lo} or {lo + VAE_TEMPORAL}")
-  if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1.0:
-    raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale!r}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise ValueError(f"seed must be an int, got {seed!r}")
+  prompts, negatives = arguments.prompts(prompt, negative_prompt)
+  arguments.video_size(height, width, num_frames, spatial=VAE_SPATIAL, temporal=VAE_TEMPORAL,
+                       patch=patch_hw)
+  arguments.positive_int("num_inference_steps", num_inference_steps)
+  arguments.guidance_scale(guidance_scale)
+  arguments.seed(seed)
   return prompts, negatives
 
 
@@ -157,7 +107,7 @@ class WanPipeline:
     self.scheduler_config = dict(scheduler_config)
     self.name = name
     self._decode = jax.jit(lambda p, z: vae_lib.decode(vae_config, p, z))
-    self._samplers = {}
+    self._samplers = denoise.SamplerCache()
 
   @classmethod
   def from_pretrained(cls, folder, *, dtype: Optional[str] = None, mesh=None) -> "WanPipeline":
@@ -171,14 +121,9 @@ class WanPipeline:
     "bfloat16" or "float32"; default bfloat16 on accelerators, float32 on CPU.
     The VAE computes in float32 (its weights are small).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-      raise FileNotFoundError(f"no Wan2.1 pipeline folder at {str(folder)!r}")
+    folder = folders.pipeline_folder(folder, "Wan2.1")
     _check_index(folder)
-    if dtype is None:
-      dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    if dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    dtype = folders.resolve_dtype(dtype)
     transformer_config, transformer_params = wan.load_diffusers_transformer(
         folder / "transformer", param_dtype=dtype, dtype=dtype)
     text_config, text_params = text_lib.load_text_encoder(folder / "text_encoder",
@@ -206,28 +151,14 @@ class WanPipeline:
     cfg = self.family.config
     latent = self.latent_size(height, width, num_frames)
     rows = batch * (2 if guidance else 1)
-    tokens = cfg.tokens(*latent)
-    on_gpu = jax.default_backend() in ("gpu", "tpu")
-    dense_impl = getattr(attention, "implementation", None) if isinstance(
-        attention, cfg_lib.DenseConfig) else getattr(attention, "dense_implementation", None)
-    xla_dense = dense_impl == "xla" or (dense_impl is None and not on_gpu)
-    mod_blocks = mod_width = None
-    if isinstance(attention, cfg_lib.MODConfig):
-      from modjax import predict
-      n = -(-tokens // attention.block_size)
-      bpf = max(cfg.tokens_per_frame(latent[1], latent[2]) // attention.block_size, 1)
-      mod_blocks, mod_width = n, predict.max_row_width(attention.top_k, n, bpf)
     stages = {
         "text_encode": memory.text_encode_bytes(
             batch=rows, seq_len=MAX_SEQUENCE_LENGTH, d_model=self.text_config.d_model,
             d_ff=self.text_config.d_ff, heads=self.text_config.num_heads,
             dtype=self.text_config.dtype),
-        "denoise": memory.denoise_bytes(
-            rows=rows, seq_len=tokens, dim=cfg.dim, ffn_dim=cfg.ffn_dim, heads=cfg.num_heads,
-            num_layers=cfg.num_layers, text_len=MAX_SEQUENCE_LENGTH,
-            latent_elements=batch * cfg.in_channels * int(np.prod(latent)), dtype=cfg.dtype,
-            dense_attention="xla" if xla_dense else "flash", mod_blocks=mod_blocks,
-            mod_width=mod_width),
+        "denoise": estimates.denoise_stage_bytes(
+            self.family, latent, batch=batch, rows=rows, dim=cfg.dim, ffn_dim=cfg.ffn_dim,
+            cross_text_len=MAX_SEQUENCE_LENGTH, attention=attention),
         "vae_decode": vae_lib.decode_memory_bytes(
             self.vae_config, (batch, self.vae_config.z_dim, *latent), self.vae_config.dtype),
     }
@@ -245,20 +176,6 @@ class WanPipeline:
     """[B, 512, d_model] embeddings, zero past each prompt's length (diffusers' rule)."""
     return text_lib.encode_prompts(self.text_config, self.text_params, self.tokenizer,
                                    list(prompts), max_length=MAX_SEQUENCE_LENGTH)
-
-  def _compiled_sampler(self, settings, callbacks, args, mesh=None):
-    """(compiled sampler taking placed arguments, its Sampler, seconds spent compiling:
-    0 when cached). One compile per settings, callbacks, mesh and batch size, for the
-    life of the pipeline."""
-    par = sharding_lib.resolve(mesh)
-    key = (settings, tuple(callbacks), args[1].shape, len(args), par)
-    if key in self._samplers:
-      return self._samplers[key] + (0.0,)
-    t0 = time.perf_counter()
-    sampler = sampler_lib.Sampler(self.family, settings, callbacks=callbacks, mesh=par)
-    compiled = sampler.lower(*args).compile()
-    self._samplers[key] = (compiled, sampler)
-    return compiled, sampler, time.perf_counter() - t0
 
   def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt=None, *,
                height: int = 480, width: int = 832, num_frames: int = 81,
@@ -285,67 +202,49 @@ class WanPipeline:
       decoding stay on the default device.
     """
     mesh = self.mesh if mesh is None else mesh
-    say = log or (lambda _line: None)
     prompts, negatives = _validate_call(prompt, negative_prompt, height, width, num_frames,
                                         num_inference_steps, guidance_scale, seed,
                                         self.family.config.patch_size[1])
     if flow_shift is None:
       flow_shift = recommended_flow_shift(height, width)
-    elif not isinstance(flow_shift, (int, float)) or not flow_shift > 0:
-      raise ValueError(f"flow_shift must be > 0, got {flow_shift!r}")
+    flow_shift = arguments.positive_float("flow_shift", flow_shift)
     guidance = guidance_scale > 1.0
     latent = self.latent_size(height, width, num_frames)
     batch = len(prompts)
-    shape = (batch, self.family.config.in_channels, *latent)
-    if latents is not None and tuple(np.shape(latents)) != shape:
-      raise ValueError(f"latents must have shape {shape}, got {tuple(np.shape(latents))}")
+    noise = arguments.latents(latents, (batch, self.family.config.in_channels, *latent))
     scheduler = schedulers.from_diffusers_config(self.scheduler_config, num_inference_steps,
-                                                 flow_shift=float(flow_shift))
+                                                 flow_shift=flow_shift)
     settings = sampler_lib.SamplerSettings(
         frames=latent[0], height=latent[1], width=latent[2],
         num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
         attention=attention, scheduler=scheduler)
-    if check_memory and sharding_lib.resolve(mesh).size == 1:
-      memory.check_fits(self.memory_estimate(height=height, width=width, num_frames=num_frames,
-                                             batch=batch, guidance=guidance, attention=attention),
-                        f"{num_frames}x{height}x{width} ({batch} video(s))")
-    timings = {}
+    if check_memory:
+      estimates.check(self.memory_estimate(height=height, width=width, num_frames=num_frames,
+                                           batch=batch, guidance=guidance, attention=attention),
+                      f"{num_frames}x{height}x{width} ({batch} video(s))", mesh)
+    stages = Stages(log)
 
-    t0 = time.perf_counter()
-    context = self.encode_prompt(prompts)
-    neg = self.encode_prompt(negatives) if guidance else jnp.zeros_like(context)
-    jax.block_until_ready((context, neg))
-    timings["text_encode"] = time.perf_counter() - t0
-    say(f"text encoding {timings['text_encode']:.1f} s ({batch} prompt(s), "
-        f"{MAX_SEQUENCE_LENGTH} tokens)")
+    with stages("text_encode"):
+      context = self.encode_prompt(prompts)
+      neg = self.encode_prompt(negatives) if guidance else jnp.zeros_like(context)
+      jax.block_until_ready((context, neg))
+    stages.say(f"text encoding {stages.timings['text_encode']:.1f} s ({batch} prompt(s), "
+               f"{MAX_SEQUENCE_LENGTH} tokens)")
 
     dtype = self.family.dtype
-    context, neg = context.astype(dtype), neg.astype(dtype)
-    key = jax.random.key(seed)
-    noise = None if latents is None else jnp.asarray(latents, jnp.float32)
-    args = (self.transformer_params, context, neg, key) + (() if noise is None else (noise,))
-    compiled, sampler, timings["compile"] = self._compiled_sampler(settings, callbacks, args,
-                                                                   mesh)
-    say(f"compiled the {num_inference_steps}-step sampler in {timings['compile']:.1f} s "
-        f"({settings.frames}x{settings.height}x{settings.width} latents, "
-        f"{self.family.config.tokens(*latent)} tokens, flow_shift {flow_shift})")
-    args = sampler.place(*args)
-    t0 = time.perf_counter()
-    out = compiled(*args)
-    z = jax.block_until_ready(out.latents)
-    timings["denoise"] = time.perf_counter() - t0
-    sparsity = sampler_lib.sparsity(out)
-    say(f"denoised in {timings['denoise']:.1f} s (sparsity {sparsity:.1%})")
+    out, sparsity = denoise.denoise(
+        self._samplers, self.family, settings, self.transformer_params, context.astype(dtype),
+        neg.astype(dtype), denoise.run_key(seed), None if noise is None else jnp.asarray(noise),
+        stages=stages, callbacks=callbacks, mesh=mesh, describe=f"flow_shift {flow_shift}")
 
-    t0 = time.perf_counter()
-    z = jax.device_put(z, jax.devices()[0])  # off the mesh: the VAE runs on one device
-    video = self._decode(self.vae_params, vae_lib.denormalize_latents(self.vae_config, z))
-    video = np.asarray(jax.block_until_ready(video))
-    timings["vae_decode"] = time.perf_counter() - t0
-    say(f"VAE decode {timings['vae_decode']:.1f} s (compile included) -> "
-        f"{video.shape[2]} frames of {video.shape[3]}x{video.shape[4]}")
+    with stages("vae_decode"):
+      z = jax.device_put(out.latents, jax.devices()[0])  # off the mesh: the VAE runs on one device
+      video = self._decode(self.vae_params, vae_lib.denormalize_latents(self.vae_config, z))
+      video = np.asarray(jax.block_until_ready(video))
+    stages.say(f"VAE decode {stages.timings['vae_decode']:.1f} s (compile included) -> "
+               f"{video.shape[2]} frames of {video.shape[3]}x{video.shape[4]}")
     frames = to_uint8_frames(video)
     if isinstance(prompt, str):
       frames = frames[0]
     return WanOutput(frames=frames, latents=np.asarray(z), sparsity=sparsity,
-                     flow_shift=float(flow_shift), timings=timings, sampling=out)
+                     flow_shift=flow_shift, timings=stages.timings, sampling=out)
