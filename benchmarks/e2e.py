@@ -37,6 +37,7 @@ from models import wan
 import modjax
 from modjax import callbacks, policies, sampler as sampler_lib
 from modjax.schedule import StepKind
+from pallas_kernels import quantize as pk_quantize
 
 SHAPES = {  # name: (video frames, height, width) -> latent (F, H, W) with a 4x / 8x VAE
     "480p": (81, 480, 832),
@@ -138,6 +139,23 @@ def modes(n_blocks: int, target_density: float, steps: int = 50, short: bool = F
   }
 
 
+def mode_label(row: dict) -> str:
+  """The mode, with its precisions when quantized (sparse/dense)."""
+  p = (row.get("precision", "bf16"), row.get("dense_precision", "bf16"))
+  return row["mode"] + ("" if p == ("bf16", "bf16") else f" {p[0]}/{p[1]}")
+
+
+def with_precision(attention, precision: str, dense_precision: str):
+  """The mode at these kernel precisions (DenseConfig: dense_precision on every step,
+  on our kernel; a cuDNN/XLA dense implementation gives way to it)."""
+  if isinstance(attention, modjax.DenseConfig):
+    return dataclasses.replace(attention, implementation=None, precision=dense_precision)
+  fields = dict(precision=precision, dense_precision=dense_precision)
+  if dense_precision != "bf16":
+    fields["dense_implementation"] = None
+  return dataclasses.replace(attention, **fields)
+
+
 def full_step_kinds(attention, geom: policies.Geometry, steps: int) -> np.ndarray:
   """The step kinds of the full `steps`-step run of this mode (for projections)."""
   return np.asarray(policies.make_policy(attention, geom).step_kinds(steps))
@@ -187,6 +205,10 @@ def main():
   ap.add_argument("--checkpoint", default=None, help="diffusers Wan transformer folder")
   ap.add_argument("--tiny", action="store_true", help="the family's tiny config (CPU smoke)")
   ap.add_argument("--max-minutes", type=float, default=1e9)
+  ap.add_argument("--precisions", default="bf16",
+                  help="comma list of kernel precisions to run our modes at, each SPARSE or "
+                       "SPARSE/DENSE (the warm-up, map and refresh steps' precision; default "
+                       "bf16), e.g. bf16,int8_fp8,int8_fp8/int8_fp8; dense_cudnn runs once, bf16")
   ap.add_argument("--run-steps", type=int, default=None,
                   help="run only this many steps per mode and project the --steps run")
   args = ap.parse_args()
@@ -194,6 +216,13 @@ def main():
   if not 4 <= run_steps <= args.steps:
     raise SystemExit(f"--run-steps must be in [4, --steps={args.steps}], got {run_steps}")
   short = run_steps < args.steps
+  precisions = []
+  for item in args.precisions.split(","):
+    sparse, _, dense = item.partition("/")
+    for p in (sparse, dense or "bf16"):
+      if p not in pk_quantize.PRECISIONS:
+        raise SystemExit(f"--precisions: {p!r} is not one of {pk_quantize.PRECISIONS}")
+    precisions.append((sparse, dense or "bf16"))
   start = time.perf_counter()
   model = build_model(args.model, args.tiny)
   if args.checkpoint:
@@ -217,13 +246,20 @@ def main():
     block = 64 if args.tiny else 128
     geom = policies.Geometry.from_layout(layout, batch=1, block_size=block)
     video_blocks = geom.num_blocks
-    for name in args.modes.split(","):
+    runs = [(name, p) for p in precisions for name in args.modes.split(",")
+            if name != "dense_cudnn" or p == precisions[0]]
+    for name, (precision, dense_precision) in runs:
       if (time.perf_counter() - start) / 60 > args.max_minutes:
         print(f"time budget reached, skipping {shape}/{name}")
         continue
       attention = modes(video_blocks, args.density, run_steps, short)[name]
       if hasattr(attention, "block_size"):
         attention = dataclasses.replace(attention, block_size=block)
+      quantized = (precision, dense_precision) != ("bf16", "bf16")
+      if quantized and name == "dense_cudnn":
+        precision = dense_precision = "bf16"   # the baseline: cuDNN, bf16
+      elif quantized:
+        attention = with_precision(attention, precision, dense_precision)
       if args.tiny and name == "dense_cudnn":
         attention = modjax.DenseConfig()  # cuDNN needs a GPU
       try:
@@ -232,12 +268,15 @@ def main():
           full = modes(video_blocks, args.density, args.steps)[name]
           if hasattr(full, "block_size"):
             full = dataclasses.replace(full, block_size=block)
+          if quantized:
+            full = with_precision(full, precision, dense_precision)
           r["projected_total_s"] = project(r["per_step_ms_by_kind"],
                                            full_step_kinds(full, geom, args.steps))
       except Exception as e:  # keep going: one failing mode must not lose the others
         r = dict(error=repr(e)[:400])
       stats = jax.devices()[0].memory_stats() or {}
-      rows.append(dict(mode=name, model=args.model, frames=frames, height=height, width=width,
+      rows.append(dict(mode=name, precision=precision, dense_precision=dense_precision,
+                       model=args.model, frames=frames, height=height, width=width,
                        tokens=tokens, video_tokens=layout.video_tokens, steps=args.steps,
                        run_steps=run_steps,
                        peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30, **r))
@@ -251,7 +290,7 @@ def main():
     if r.get(total):
       b = base.get(r["height"])
       sp = b[total] / r[total] if b else float("nan")
-      print(f"{r['mode']:20s} {r['tokens']:7d} {r[total]:17.1f} {r['per_step_ms']:8.0f} "
+      print(f"{mode_label(r):20s} {r['tokens']:7d} {r[total]:17.1f} {r['per_step_ms']:8.0f} "
             f"{r['sparsity']:8.1%} {sp:7.2f}x")
 
 

@@ -100,7 +100,9 @@ def e2e_table(runs):
       kinds = ", ".join(f"{k} {v:.0f}" for k, v in r["per_step_ms_by_kind"].items())
       sp = f"{base[r['tokens']] / total(r):.2f}x" if r["tokens"] in base else ""
       proj = (f" (proj. from {r['run_steps']})" if r.get("projected_total_s") else "")
-      lines.append(f"| {r['mode']} | {r['frames']}x{r['height']}x{r['width']} | {r['tokens']} | "
+      prec = (r.get("precision", "bf16"), r.get("dense_precision", "bf16"))
+      mode = r["mode"] + ("" if prec == ("bf16", "bf16") else f" ({prec[0]} sparse, {prec[1]} dense)")
+      lines.append(f"| {mode} | {r['frames']}x{r['height']}x{r['width']} | {r['tokens']} | "
                    f"{r['steps']} | {total(r):.1f}{proj} | {kinds} | {r['sparsity']:.1%} | "
                    f"{r['peak_mem_gb']:.1f} | {sp} |")
     lines.append("")
