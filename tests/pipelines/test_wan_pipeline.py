@@ -127,6 +127,9 @@ def test_memory_estimate_grows_with_the_video(pipe):
   assert small.stages["denoise"] > 2 * 2 * 32760 ** 2 * 4
 
 
+# reading the mp4 back (imageio-ffmpeg's subprocess) trips JAX's at-fork warning in the
+# test itself; the CLI's write is checked to be silent in tests/modjax/test_cli.py
+@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
 def test_cli_prompt_to_mp4(folder, tmp_path, capsys):
   pytest.importorskip("imageio_ffmpeg")
   out = tmp_path / "cat.mp4"
