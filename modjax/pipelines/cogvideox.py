@@ -139,10 +139,7 @@ class CogVideoXPipeline:
                        f"'CogVideoXDDIMScheduler' or 'CogVideoXDPMScheduler', got "
                        f"{scheduler_config.get('_class_name')!r}")
     schedulers.from_diffusers_config(scheduler_config, 1)  # validate now, not at the first call
-    if transformer_config.text_dim != text_config.d_model:
-      raise ValueError(f"{str(folder)!r}: the transformer takes text_dim="
-                       f"{transformer_config.text_dim} but the text encoder gives "
-                       f"d_model={text_config.d_model}")
+    folders.check_text_width(folder, transformer_config.text_dim, text_config.d_model)
     return cls(transformer_config=transformer_config, transformer_params=transformer_params,
                text_config=text_config, text_params=text_params, tokenizer=tokenizer,
                scheduler_config=scheduler_config, vae_scaling_factor=_vae_factors(folder),

@@ -94,3 +94,10 @@ def pipeline_folder(folder, what: str) -> Path:
   if not path.is_dir():
     raise FileNotFoundError(f"no {what} pipeline folder at {str(path)!r}")
   return path
+
+
+def check_text_width(folder: Path, transformer_text_dim: int, encoder_d_model: int):
+  """The transformer's text input width must be the text encoder's output width."""
+  if transformer_text_dim != encoder_d_model:
+    raise ValueError(f"{str(folder)!r}: the transformer takes text_dim={transformer_text_dim} "
+                     f"but the text encoder gives d_model={encoder_d_model}")
