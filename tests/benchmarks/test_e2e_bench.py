@@ -9,8 +9,10 @@ import pytest
 from benchmarks import e2e
 
 
+# CogVideoX's smoke is slow-marked: test_projection_and_precisions runs it in CI
 @pytest.mark.parametrize("model", [pytest.param("wan2_1_1_3b", marks=pytest.mark.slow),
-                                   "cogvideox1_5_5b", "hunyuan_video"])
+                                   pytest.param("cogvideox1_5_5b", marks=pytest.mark.slow),
+                                   "hunyuan_video"])
 def test_e2e_smoke_on_tiny_models(model, tmp_path, monkeypatch):
   out = tmp_path / "e2e.json"
   monkeypatch.setattr(sys, "argv", [
