@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from models.cogvideox import vae, vae_convert
@@ -219,3 +220,27 @@ def test_encoder_tensors_are_not_needed_and_pipeline_folder_works(vae_folder, tm
     vae_convert.load_diffusers_vae(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     vae_convert.load_diffusers_vae(tmp_path / "nowhere")
+
+
+def test_full_size_mapping_matches_diffusers_state_dict():
+  """CogVideoX's own VAE (default config, built on the meta device): every decoder
+  tensor name and shape is one of ours, and the reverse."""
+  from diffusers import AutoencoderKLCogVideoX
+
+  with torch.device("meta"):
+    model = AutoencoderKLCogVideoX()
+  theirs = {n: tuple(t.shape) for n, t in model.state_dict().items()
+            if n.startswith("decoder.")}
+  config = vae_convert.config_from_diffusers(dict(model.config))
+  shapes = traverse_util.flatten_dict(vae.param_shapes(config))
+  ours = {vae_convert._diffusers_name(p): vae_convert._diffusers_shape(p, s.shape)
+          for p, s in shapes.items()}
+  assert ours == theirs
+
+
+def test_package_exports():
+  from models import cogvideox
+
+  assert cogvideox.decode is vae.decode and cogvideox.video_frames is vae.video_frames
+  assert cogvideox.load_diffusers_vae is vae_convert.load_diffusers_vae
+  assert cogvideox.CogVideoXVAEConfig is vae.CogVideoXVAEConfig
