@@ -31,10 +31,11 @@ from models.cogvideox.transformer import (
 )
 from models.cogvideox.vae import CogVideoXVAEConfig, decode, video_frames, video_shape
 from models.cogvideox.vae_convert import load_diffusers_vae
+from models.cogvideox.vae_encoder import encode
 
 __all__ = [
     "DEFAULT_TEXT_LEN", "CogVideoXConfig", "CogVideoXDiT", "CogVideoXFamily", "CogVideoXVAEConfig",
-    "apply", "decode",
+    "apply", "decode", "encode",
     "diffusers_tensor_shapes", "dynamic_guidance_scales", "encode_prompts", "init_params",
     "latent_frames", "latent_size", "load_diffusers_transformer", "load_diffusers_vae",
     "load_params",

@@ -133,9 +133,9 @@ def _upsampled_frames(t: int, blocks: int) -> int:
   return t
 
 
-def _chunks(frames: int) -> tuple[int, int]:
-  """(frames of the first chunk, number of later chunks of LATENT_FRAMES_PER_CHUNK)."""
-  k = LATENT_FRAMES_PER_CHUNK
+def _chunks(frames: int, k: int = LATENT_FRAMES_PER_CHUNK) -> tuple[int, int]:
+  """(frames of the first chunk, number of later chunks of k frames), as diffusers'
+  `_decode` / `_encode` split them: the first takes the remainder F % k too."""
   first = min(frames, k + frames % k)
   return first, (frames - first) // k
 
@@ -161,12 +161,14 @@ def video_shape(config: CogVideoXVAEConfig, latent_shape) -> tuple[int, ...]:
 
 class Conv(nn.Module):
   """A plain N-d convolution on channels-last input, zero `padding` per spatial
-  axis ((lo, hi) pairs). Params `kernel` [*kernel_size, in, out] and `bias`."""
+  axis ((lo, hi) pairs), `stride` on every axis. Params `kernel`
+  [*kernel_size, in, out] and `bias`."""
   features: int
   kernel_size: tuple[int, ...]
   padding: tuple[tuple[int, int], ...]
   dtype: Any = f32
   param_dtype: Any = f32
+  stride: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -175,7 +177,7 @@ class Conv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     n = len(self.kernel_size)
     spec = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[n]
-    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1,) * n,
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * n,
                                      self.padding, dimension_numbers=spec)
     return y + bias.astype(self.dtype)
 
@@ -265,21 +267,28 @@ class SpatialNorm3D(nn.Module):
 
 
 class ResnetBlock3D(nn.Module):
-  """diffusers' CogVideoXResnetBlock3D with spatial norms (the decoder's, no time
-  embedding): norm1-silu-conv1-norm2-silu-conv2 plus the input (through a 1x1x1
-  `conv_shortcut` when the width changes). Dropout is inference-off."""
+  """diffusers' CogVideoXResnetBlock3D without time embedding:
+  norm1-silu-conv1-norm2-silu-conv2 plus the input (through a 1x1x1
+  `conv_shortcut` when the width changes). The norms are SpatialNorm3D on zq
+  (the decoder's) or, when zq is None, GroupNorm of `eps` (the encoder's).
+  Dropout is inference-off."""
   features: int
   groups: int
+  eps: float = _NORM_EPS
   dtype: Any = f32
   param_dtype: Any = f32
 
   @nn.compact
   def __call__(self, x, zq, first: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = SpatialNorm3D(self.groups, name="norm1", **kw)(x, zq, first)
-    h = CausalConv3d(self.features, 3, name="conv1", **kw)(nn.silu(h), first)
-    h = SpatialNorm3D(self.groups, name="norm2", **kw)(h, zq, first)
-    h = CausalConv3d(self.features, 3, name="conv2", **kw)(nn.silu(h), first)
+
+    def norm(name, h):
+      if zq is None:
+        return GroupNorm(self.groups, self.eps, name=name, **kw)(h)
+      return SpatialNorm3D(self.groups, name=name, **kw)(h, zq, first)
+
+    h = CausalConv3d(self.features, 3, name="conv1", **kw)(nn.silu(norm("norm1", x)), first)
+    h = CausalConv3d(self.features, 3, name="conv2", **kw)(nn.silu(norm("norm2", h)), first)
     if x.shape[-1] != self.features:
       x = Conv(self.features, (1, 1, 1), ((0, 0),) * 3, name="conv_shortcut", **kw)(x)
     return h + x.astype(self.dtype)

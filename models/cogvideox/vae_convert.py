@@ -9,8 +9,9 @@ modules keep diffusers' names (see models.cogvideox.vae), so the mapping is:
   Conv2d weight   kernel [kh, kw, in, out]      <-> weight [out, in, kh, kw]
   other leaves    (GroupNorm weight, biases)    unchanged
 
-Only the decoder is read: `encoder.*` tensors are skipped. Every name and shape
-is checked before any tensor is read; each tensor is cast to param_dtype.
+The decoder is read, and the encoder only when asked (else `encoder.*` tensors
+are skipped). Every name and shape is checked before any tensor is read; each
+tensor is cast to param_dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from models.cogvideox import vae_encoder
 from models.cogvideox.vae import CogVideoXVAEConfig, param_shapes
 from models.weights import check_names, check_shape, open_tensors, parse_config, read_json, \
     weight_files
@@ -30,7 +32,6 @@ from models.weights import check_names, check_shape, open_tensors, parse_config,
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-_SKIPPED_PREFIXES = ("encoder.",)  # not ported: the decoder alone is read
 _INDEX = re.compile(r"^(.+)_(\d+)$")
 
 # diffusers 0.42.1 AutoencoderKLCogVideoX.__init__ arguments and their defaults
@@ -132,16 +133,22 @@ def _vae_dir(path: Path) -> Path:
   return path
 
 
-def load_diffusers_vae(folder, **overrides) -> tuple[CogVideoXVAEConfig, Any]:
+def load_diffusers_vae(folder, *, encoder: bool = False,
+                       **overrides) -> tuple[CogVideoXVAEConfig, Any]:
   """Reads a diffusers `AutoencoderKLCogVideoX` folder (or a pipeline folder with a
   vae/ subfolder). overrides set our own config fields (dtype, param_dtype).
-  Returns (config, params), params {"decoder": ...} in config.param_dtype."""
+  Returns (config, params), params {"decoder": ...} (plus "encoder" when
+  encoder=True) in config.param_dtype."""
   folder = _vae_dir(Path(folder))
   config = config_from_diffusers(read_json(folder / CONFIG_NAME), **overrides)
-  shapes = traverse_util.flatten_dict(param_shapes(config))
+  tree = dict(param_shapes(config))
+  if encoder:
+    tree.update(vae_encoder.param_shapes(config))
+  shapes = traverse_util.flatten_dict(tree)
   names = {_diffusers_name(p): p for p in shapes}
   files = weight_files(folder, WEIGHTS_NAME, INDEX_NAME)
-  files = {n: f for n, f in files.items() if not n.startswith(_SKIPPED_PREFIXES)}
+  if not encoder:
+    files = {n: f for n, f in files.items() if not n.startswith("encoder.")}
   check_names(names, files, str(folder))
 
   flat = {}

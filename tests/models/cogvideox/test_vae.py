@@ -1,6 +1,6 @@
-"""The CogVideoX VAE decoder: parity with a seeded diffusers AutoencoderKLCogVideoX
-(float32 for several latent frame counts, float64 exactness, bfloat16 closeness),
-the frame counts, and the loader's errors."""
+"""The CogVideoX VAE: parity of the decoder and the encoder with a seeded diffusers
+AutoencoderKLCogVideoX (float32 for several frame counts, float64 exactness,
+bfloat16 closeness), the frame counts, and the loader's errors."""
 
 import functools
 import json
@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from models.cogvideox import vae, vae_convert
+from models.cogvideox import vae, vae_convert, vae_encoder
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -22,7 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 # block (two per up block).
 REF_KWARGS = dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1,
                   norm_num_groups=4, temporal_compression_ratio=4)
-BATCH, LATENT_HW = 2, (2, 3)  # non-square: video 16 x 24
+BATCH, LATENT_HW, VIDEO_HW = 2, (2, 3), (16, 24)  # non-square
 # float32: max |ours - diffusers| measured 7e-7..6e-6 on outputs of size ~1-2
 # (float64 agrees to 1.4e-14: the float32 gap is rounding).
 F32_ATOL = 2e-5
@@ -57,9 +57,21 @@ def reference(tmp_path_factory):
   return model, folder, vae_convert.load_diffusers_vae(folder)
 
 
+@pytest.fixture(scope="module")
+def encoder_params(reference):
+  """Our (config, params) with the encoder too."""
+  _, folder, _ = reference
+  return vae_convert.load_diffusers_vae(folder, encoder=True)
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted(config):
-  return jax.jit(functools.partial(vae.decode, config), compiler_options=FAST_COMPILE)
+def _jitted(config, fn=vae.decode):
+  return jax.jit(functools.partial(fn, config), compiler_options=FAST_COMPILE)
+
+
+def _video(frames, seed=2):
+  rng = np.random.default_rng(seed)
+  return rng.uniform(-1, 1, (BATCH, 3, frames, *VIDEO_HW)).astype(np.float32)
 
 
 def _latents(frames, seed=1):
@@ -112,6 +124,46 @@ def test_decode_float64_is_exact(reference, record_property):
   np.testing.assert_allclose(out, expected, atol=F64_ATOL, rtol=0)
 
 
+# 1: one frame; 5: one odd chunk (5 -> 3 -> 2 frames: odd, then even pooling);
+# 17: a first chunk of 9, then one of 8 through the scan.
+@pytest.mark.parametrize("frames", [1, 5, 17], ids=lambda f: f"F={f}")
+def test_encode_matches_diffusers(reference, encoder_params, frames, record_property):
+  model, _, _ = reference
+  config, params = encoder_params
+  x = _video(frames)
+  with torch.no_grad():
+    dist = model.encode(torch.from_numpy(x)).latent_dist
+  mean, logvar = _jitted(config, vae_encoder.encode)(params, x)
+  assert mean.dtype == logvar.dtype == jnp.float32
+  assert mean.shape == logvar.shape == tuple(dist.mean.shape)
+  assert mean.shape[2] == vae_encoder.latent_frames(config, frames)
+  errs = _max_err(mean, dist.mean), _max_err(logvar, dist.logvar)
+  record_property("max_abs_error", max(errs))
+  print(f"\nencode F={frames}: max err mean {errs[0]:.3g}, logvar {errs[1]:.3g}")
+  np.testing.assert_allclose(mean, dist.mean.numpy(), atol=F32_ATOL, rtol=0)
+  np.testing.assert_allclose(logvar, dist.logvar.numpy(), atol=F32_ATOL, rtol=0)
+
+
+@pytest.mark.slow  # ~10 s of compiling on CPU
+def test_encode_float64_is_exact(reference, record_property):
+  model, folder, _ = reference
+  x = _video(17, seed=3).astype(np.float64)
+  with torch.no_grad():
+    dist = model.double().encode(torch.from_numpy(x)).latent_dist
+  model.float()
+  with jax.enable_x64(True):
+    config, params = vae_convert.load_diffusers_vae(folder, encoder=True, dtype="float64",
+                                                    param_dtype="float64")
+    mean, logvar = jax.jit(functools.partial(vae_encoder.encode, config),
+                           compiler_options=FAST_COMPILE)(params, x)
+  assert mean.dtype == np.float64
+  err = max(_max_err(mean, dist.mean), _max_err(logvar, dist.logvar))
+  record_property("max_abs_error", err)
+  print(f"\nencode float64 F=17: max |ours - diffusers| = {err:.3g}")
+  np.testing.assert_allclose(mean, dist.mean.numpy(), atol=F64_ATOL, rtol=0)
+  np.testing.assert_allclose(logvar, dist.logvar.numpy(), atol=F64_ATOL, rtol=0)
+
+
 def test_bf16_decode_close_to_f32(reference, record_property):
   _, folder, (config, params) = reference
   config16, params16 = vae_convert.load_diffusers_vae(folder, dtype="bfloat16",
@@ -134,6 +186,9 @@ def test_video_frames():
   assert [vae.video_frames(cfg, f) for f in (1, 2, 3, 4, 5, 13)] == [1, 8, 9, 16, 17, 49]
   assert vae.video_shape(cfg, (1, 16, 13, 60, 90)) == (1, 3, 49, 480, 720)
   assert cfg.spatial_factor == 8 and cfg.time_upsampling_blocks == 2
+  # diffusers' encoder chunks: 49 frames -> 9 + 5 x 8 -> 3 + 5 x 2 latent frames.
+  assert [vae_encoder.latent_frames(cfg, f) for f in (1, 5, 8, 9, 12, 17, 49)] == \
+      [1, 2, 2, 3, 3, 5, 13]
 
 
 def test_decode_input_errors(reference):
@@ -142,6 +197,8 @@ def test_decode_input_errors(reference):
     vae.decode(config, params, np.zeros((1, 3, 1, 2, 2), np.float32))
   with pytest.raises(ValueError, match="latents must be"):
     vae.decode(config, params, np.zeros((4, 1, 2, 2), np.float32))
+  with pytest.raises(ValueError, match=r"video must be \[B, 3, F, H, W\]"):
+    vae_encoder.encode(config, params, np.zeros((1, 4, 1, 8, 8), np.float32))
 
 
 # ------------------------------------------------------------------ loader
@@ -215,6 +272,8 @@ def test_encoder_tensors_are_not_needed_and_pipeline_folder_works(vae_folder, tm
   _edit_weights(vae_folder, lambda t: [t.pop(n) for n in list(t) if n.startswith("encoder.")])
   config, params = vae_convert.load_diffusers_vae(tmp_path)  # holds vae/
   assert set(params) == {"decoder"}
+  with pytest.raises(ValueError, match=r"missing \(\d+\): encoder\.conv_in\.conv\.bias"):
+    vae_convert.load_diffusers_vae(tmp_path, encoder=True)
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no config.json"):
     vae_convert.load_diffusers_vae(tmp_path / "empty")
@@ -223,16 +282,16 @@ def test_encoder_tensors_are_not_needed_and_pipeline_folder_works(vae_folder, tm
 
 
 def test_full_size_mapping_matches_diffusers_state_dict():
-  """CogVideoX's own VAE (default config, built on the meta device): every decoder
-  tensor name and shape is one of ours, and the reverse."""
+  """CogVideoX's own VAE (default config, built on the meta device): every tensor
+  name and shape is one of ours, and the reverse."""
   from diffusers import AutoencoderKLCogVideoX
 
   with torch.device("meta"):
     model = AutoencoderKLCogVideoX()
-  theirs = {n: tuple(t.shape) for n, t in model.state_dict().items()
-            if n.startswith("decoder.")}
+  theirs = {n: tuple(t.shape) for n, t in model.state_dict().items()}
   config = vae_convert.config_from_diffusers(dict(model.config))
-  shapes = traverse_util.flatten_dict(vae.param_shapes(config))
+  shapes = traverse_util.flatten_dict({**vae.param_shapes(config),
+                                       **vae_encoder.param_shapes(config)})
   ours = {vae_convert._diffusers_name(p): vae_convert._diffusers_shape(p, s.shape)
           for p, s in shapes.items()}
   assert ours == theirs
@@ -244,3 +303,4 @@ def test_package_exports():
   assert cogvideox.decode is vae.decode and cogvideox.video_frames is vae.video_frames
   assert cogvideox.load_diffusers_vae is vae_convert.load_diffusers_vae
   assert cogvideox.CogVideoXVAEConfig is vae.CogVideoXVAEConfig
+  assert cogvideox.encode is vae_encoder.encode
