@@ -304,3 +304,15 @@ def test_package_exports():
   assert cogvideox.load_diffusers_vae is vae_convert.load_diffusers_vae
   assert cogvideox.CogVideoXVAEConfig is vae.CogVideoXVAEConfig
   assert cogvideox.encode is vae_encoder.encode
+
+
+def test_full_size_shapes():
+  """CogVideoX's 49 frames at 480 x 720 <-> 13 latent frames at 60 x 90 (traced, not run)."""
+  config = vae.CogVideoXVAEConfig(dtype="bfloat16", param_dtype="bfloat16")
+  params = {**vae.param_shapes(config), **vae_encoder.param_shapes(config)}
+  video = jax.eval_shape(functools.partial(vae.decode, config), params,
+                         jax.ShapeDtypeStruct((1, 16, 13, 60, 90), jnp.float32))
+  assert (video.shape, video.dtype) == ((1, 3, 49, 480, 720), jnp.float32)
+  mean, logvar = jax.eval_shape(functools.partial(vae_encoder.encode, config), params,
+                                jax.ShapeDtypeStruct((1, 3, 49, 480, 720), jnp.float32))
+  assert mean.shape == logvar.shape == (1, 16, 13, 60, 90)
