@@ -12,9 +12,13 @@ chunk, later chunk) for any F.
 
 The chunking is part of the math, not only a memory saving: group norms take
 their statistics over one chunk's frames, and the zq-conditioned norms and the
-time upsampling treat an odd chunk's first frame apart. An odd first chunk of
-t frames gives 1 + 4 (t - 1) video frames (t = 1: one), an even one 4t, so
-F = 13 latent frames give 9 + 5 * 8 = 49 frames (`video_frames`).
+time upsampling treat an odd chunk's first frame apart. With CogVideoX's two
+time-doubling blocks an odd chunk of t frames gives 1 + 4 (t - 1) video frames
+(t = 1: one), an even one 4t, so F = 13 latent frames give 9 + 5 * 8 = 49
+frames (`video_frames`).
+
+The config and the layers here are shared with the encoder
+(models.cogvideox.vae_encoder).
 
 Modules keep diffusers' names, a list index written `_i`
 (`decoder.up_blocks_0.resnets_1.norm1.conv_y.conv` is
