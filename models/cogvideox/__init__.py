@@ -1,6 +1,6 @@
 """CogVideoX (text-to-video): the joint-attention transformer, its config, its
-positions (3D RoPE / sin-cos), diffusers conversion and the pipeline's helpers
-(prompt embeddings, latent sizes, dynamic guidance)."""
+positions (3D RoPE / sin-cos), diffusers conversion, the pipeline's helpers
+(prompt embeddings, latent sizes, dynamic guidance) and the VAE decoder."""
 
 from models.cogvideox.config import CogVideoXConfig
 from models.cogvideox.convert import (
@@ -29,11 +29,17 @@ from models.cogvideox.transformer import (
     patchify,
     unpatchify,
 )
+from models.cogvideox.vae import CogVideoXVAEConfig, decode, video_frames, video_shape
+from models.cogvideox.vae_convert import load_diffusers_vae
+from models.cogvideox.vae_encoder import encode
 
 __all__ = [
-    "DEFAULT_TEXT_LEN", "CogVideoXConfig", "CogVideoXDiT", "CogVideoXFamily", "apply",
+    "DEFAULT_TEXT_LEN", "CogVideoXConfig", "CogVideoXDiT", "CogVideoXFamily", "CogVideoXVAEConfig",
+    "apply", "decode", "encode",
     "diffusers_tensor_shapes", "dynamic_guidance_scales", "encode_prompts", "init_params",
-    "latent_frames", "latent_size", "load_diffusers_transformer", "load_params",
+    "latent_frames", "latent_size", "load_diffusers_transformer", "load_diffusers_vae",
+    "load_params",
     "param_shapes", "patchify", "rope_tables", "save_diffusers_transformer", "save_params",
-    "sincos_embedding", "stack_blocks", "unpatchify", "unstack_blocks",
+    "sincos_embedding", "stack_blocks", "unpatchify", "unstack_blocks", "video_frames",
+    "video_shape",
 ]
