@@ -5,6 +5,7 @@
   models.family   the protocol the sampler sees (AttentionLayout, Family)
   models.attention dense attention and the control hook models call
   models.weights  safetensors folders and allow-listed configs
+  models.convert_common  layer layouts and diffusers names the converters share
 
 Nothing here imports modjax: models know attention only through the control
 object they are handed.

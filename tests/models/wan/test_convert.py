@@ -269,8 +269,7 @@ def test_full_size_mapping_matches_diffusers_on_the_meta_device(preset):
   with torch.device("meta"):
     model = diffusers.WanTransformer3DModel(**config.to_diffusers_config())
   theirs = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-  ours = {loading._diffusers_name(path): loading._diffusers_shape(path, leaf.shape, config)
-          for path, leaf in loading._loop_layout_shapes(config).items()}
+  ours = loading.diffusers_tensor_shapes(config)
   ignored = {n for n in theirs if any(i in n for i in loading._IGNORED_UNEXPECTED)}
   assert set(ours) == set(theirs) - ignored
   assert {n: theirs[n] for n in ours} == ours
