@@ -182,9 +182,9 @@ def dense_from_conv3d(array: np.ndarray) -> np.ndarray:
 class DiffusersTransformer:
   """How one family's transformer params map to a diffusers checkpoint folder.
 
-  Names come from `diffusers_name` (with the last keys of `stacked` and `renames`); a kernel is diffusers' Linear weight transposed, except the patch
-  embedding's at `patch_kernel`, whose shape and conversion the three patch_*
-  functions give (config-dependent). Tensors whose name contains one of `ignored`
+  Names come from `diffusers_name` (with the last keys of `stacked` and `renames`);
+  a kernel is diffusers' Linear weight transposed, except the patch embedding's at
+  `patch_kernel`, whose shape and conversion the three patch_* functions give. Tensors whose name contains one of `ignored`
   are skipped on load, as diffusers skips them.
   """
 
