@@ -81,39 +81,34 @@ def _loop_path(prefix: ParamPath, i: int, rest: ParamPath) -> ParamPath:
   return (*prefix[:-1], f"{prefix[-1]}_{i}", *rest)
 
 
-def to_loop_layout(params, stacks: Stacks,
-                   fields: Mapping[ParamPath, str] = {}) -> dict[ParamPath, Any]:
+def to_loop_layout(params, stacks: Stacks, fields: Mapping[ParamPath, str] = {},
+                   layer: Callable[[Any, int], Any] = lambda leaf, i: leaf[i]
+                   ) -> dict[ParamPath, Any]:
   """params in either layout -> flat {loop-layout path: leaf}; scanned leaves are split
-  along their leading layer axis (views, no copies), checked against the layer counts
-  (errors name a stack's count by its `fields` entry, the config field, if any)."""
+  along their leading layer axis by `layer(leaf, i)` (views, no copies, by default),
+  checked against the layer counts (errors name a stack's count by its `fields`
+  entry, the config field, if any)."""
   flat = {}
   for path, leaf in traverse_util.flatten_dict(params).items():
     prefix, n = _stack_of(path, stacks)
     if prefix is None:
       flat[path] = leaf
       continue
-    if np.shape(leaf)[:1] != (n,):
+    shape = tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+    if shape[:1] != (n,):
       field = f" ({fields[prefix]}={n})" if prefix in fields else ""
-      raise ValueError(f"scanned param {'.'.join(path)!r} has shape {np.shape(leaf)}, expected "
+      raise ValueError(f"scanned param {'.'.join(path)!r} has shape {shape}, expected "
                        f"a leading layer axis of {n}{field}")
     for i in range(n):
-      flat[_loop_path(prefix, i, path[len(prefix):])] = leaf[i]
+      flat[_loop_path(prefix, i, path[len(prefix):])] = layer(leaf, i)
   return flat
 
 
 def loop_layout_shapes(scanned_shapes, stacks: Stacks) -> dict[ParamPath, jax.ShapeDtypeStruct]:
   """Flat loop-layout param shapes from the scanned layout's shape tree (a trace of
   the loop layout takes seconds at full size)."""
-  out = {}
-  for path, leaf in traverse_util.flatten_dict(scanned_shapes).items():
-    prefix, n = _stack_of(path, stacks)
-    if prefix is None:
-      out[path] = leaf
-      continue
-    for i in range(n):
-      out[_loop_path(prefix, i, path[len(prefix):])] = jax.ShapeDtypeStruct(leaf.shape[1:],
-                                                                            leaf.dtype)
-  return out
+  return to_loop_layout(scanned_shapes, stacks,
+                        layer=lambda s, i: jax.ShapeDtypeStruct(s.shape[1:], s.dtype))
 
 
 def read_params(shapes, stacks: Stacks, read: Callable[[ParamPath], np.ndarray]):
