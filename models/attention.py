@@ -28,14 +28,29 @@ class AttentionHook(Protocol):
     """out [B, S, H, D] of attention to the text context."""
 
 
+def default_implementation(dtype) -> str:
+  """cuDNN for 16-bit inputs on GPU, else XLA."""
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def check_control_layers(control, num_layers: int, count: Optional[str] = None) -> None:
+  """ValueError unless every leaf of control has a leading axis of num_layers (named
+  `count` in the error, default "num_layers=<n>")."""
+  for leaf in jax.tree.leaves(control):
+    if leaf.shape[:1] != (num_layers,):
+      raise ValueError(
+          f"control leaves need a leading layer axis of {count or f'num_layers={num_layers}'}, "
+          f"got a leaf of shape {leaf.shape}")
+
+
 def dense_attention(q, k, v, *, implementation: Optional[str] = None):
   """Full softmax attention, q/k/v [B, S, H, D] -> [B, S, H, D].
 
   implementation: "cudnn", "xla", or None (cuDNN for 16-bit inputs on GPU, else XLA).
   """
   if implementation is None:
-    on_gpu = jax.default_backend() == "gpu"
-    implementation = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    implementation = default_implementation(q.dtype)
   if implementation not in DENSE_IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)

@@ -62,3 +62,20 @@ class Family(Protocol):
 
   def apply(self, params, latents, timestep, context, control: Optional[Any] = None):
     """(prediction [B, C, F, H, W], per-layer stats stacked [L, ...])."""
+
+
+class ConfigFamily:
+  """The `Family` members every family derives from its `config` the same way: the
+  latent channels (config.in_channels), the compute dtype and the latent-size check
+  (config.grid)."""
+
+  @property
+  def latent_channels(self) -> int:
+    return self.config.in_channels
+
+  @property
+  def dtype(self):
+    return self.config.dtype
+
+  def check_latent_size(self, frames: int, height: int, width: int) -> None:
+    self.config.grid(frames, height, width)

@@ -1,6 +1,6 @@
 """Reading external checkpoints: safetensors folders (single file or sharded) and
 allow-listed json configs, with errors that name the file, tensor or key; and
-writing safetensors folders in the same layout (`save_tensors`).
+writing safetensors folders in the same layout (`save_tensors`, `save_model_folder`).
 
 Every family's converter (Wan transformer and VAE, T5 encoders, ...) reads its
 folder through these, so a missing shard, an unknown config key or a tensor of
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 from safetensors import safe_open
@@ -58,6 +58,19 @@ def parse_config(raw: Mapping[str, Any], defaults: Mapping[str, Any], *, where: 
   return out
 
 
+def model_dir(path, subfolder: str, what: str) -> Path:
+  """The folder holding config.json: path itself or, for a pipeline folder, its
+  `subfolder`. FileNotFoundError names `what` was looked for and where."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"no {what} at {str(path)!r}: path does not exist")
+  if (path / "config.json").exists():
+    return path
+  if (path / subfolder / "config.json").exists():
+    return path / subfolder  # a pipeline folder
+  raise FileNotFoundError(f"no config.json in {str(path)!r} (nor in its {subfolder}/ folder)")
+
+
 def weight_files(folder, weights_name: str, index_name: Optional[str] = None) -> dict[str, Path]:
   """Tensor name -> the safetensors file of `folder` that holds it.
 
@@ -87,6 +100,19 @@ def open_tensors(files: Mapping[str, Path]):
   with contextlib.ExitStack() as stack:
     handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in set(files.values())}
     yield _Tensors(files, handles)
+
+
+@contextlib.contextmanager
+def open_checked(files: Mapping[str, Path], expected: Mapping[str, tuple[int, ...]], where: str,
+                 skip: Callable[[str], bool] = lambda name: False):
+  """`open_tensors(files)` once the names in files (less those `skip` accepts) equal
+  those of `expected` and every expected tensor has its shape: a bad checkpoint
+  fails before any data is read."""
+  check_names(expected, [name for name in files if not skip(name)], where)
+  with open_tensors(files) as tensors:
+    for name, shape in expected.items():
+      check_shape(name, shape, tensors.shape(name), tensors.where(name))
+    yield tensors
 
 
 class _Tensors:
@@ -141,6 +167,17 @@ def save_tensors(folder, tensors: Mapping[str, np.ndarray], weights_name: str, i
   (folder / index_name).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def save_model_folder(folder, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+                      weights_name: str, index_name: str, *, max_shard_size: int) -> None:
+  """`folder/config.json` and the tensors through `save_tensors` (metadata format
+  "pt", as torch writes them)."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+  save_tensors(folder, tensors, weights_name, index_name, max_shard_size=max_shard_size,
+               metadata={"format": "pt"})
+
+
 def names_list(names) -> str:
   names = sorted(names)
   more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
@@ -163,3 +200,13 @@ def check_shape(name: str, expected, actual, where: str) -> None:
   if tuple(expected) != tuple(actual):
     raise ValueError(f"tensor {name!r} in {where}: expected shape {tuple(expected)}, "
                      f"got {tuple(actual)}")
+
+
+def check_params(shapes: Mapping[tuple[str, ...], Any], flat: Mapping[tuple[str, ...], Any],
+                 where: str) -> None:
+  """Flat params {path: array} against flat shapes {path: ShapeDtypeStruct}: the same
+  paths (named dotted in errors) and shapes."""
+  dotted = lambda p: ".".join(p)
+  check_names({dotted(p) for p in shapes}, {dotted(p) for p in flat}, where)
+  for p, leaf in flat.items():
+    check_shape(dotted(p), shapes[p].shape, np.shape(leaf), where)

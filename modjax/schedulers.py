@@ -126,8 +126,30 @@ def _f32(a) -> np.ndarray:
 # Euler
 # ---------------------------------------------------------------------------
 
+class _EulerStep:
+  """The flow-matching Euler stepper given `sigmas()` [steps + 1] and
+  num_train_timesteps N: timestep N sigma, x <- x + (sigma_next - sigma) v in float32."""
+
+  def timesteps(self) -> np.ndarray:
+    """float32 [steps]: N sigma, computed in float32 (what the sampler feeds the model)."""
+    return self.sigmas()[:-1] * np.float32(self.num_train_timesteps)
+
+  def step_inputs(self) -> dict[str, np.ndarray]:
+    s = self.sigmas()
+    return dict(timestep=self.timesteps(), sigma=s[:-1], sigma_next=s[1:])
+
+  def init(self, latents: jax.Array) -> tuple:
+    del latents
+    return ()
+
+  def step(self, carry, latents, model_output, xs):
+    latents = latents.astype(jnp.float32)
+    velocity = model_output.astype(jnp.float32)
+    return latents + (xs["sigma_next"] - xs["sigma"]) * velocity, carry
+
+
 @dataclasses.dataclass(frozen=True)
-class FlowEuler:
+class FlowEuler(_EulerStep):
   """The flow-matching Euler step x <- x + (sigma_next - sigma) v.
 
   sigma_schedule="modjax" (default): `modjax.schedule.flow_sigmas`, i.e. the
@@ -168,23 +190,6 @@ class FlowEuler:
     s = np.linspace(sigma_max * big_n, sigma_min * big_n, n) / big_n
     s = shift * s / (1 + (shift - 1) * s)
     return np.concatenate([s.astype(np.float32), np.zeros((1,), np.float32)])
-
-  def timesteps(self) -> np.ndarray:
-    """float32 [steps]: N sigma, computed in float32 (what the sampler feeds the model)."""
-    return self.sigmas()[:-1] * np.float32(self.num_train_timesteps)
-
-  def step_inputs(self) -> dict[str, np.ndarray]:
-    s = self.sigmas()
-    return dict(timestep=self.timesteps(), sigma=s[:-1], sigma_next=s[1:])
-
-  def init(self, latents: jax.Array) -> tuple:
-    del latents
-    return ()
-
-  def step(self, carry, latents, model_output, xs):
-    latents = latents.astype(jnp.float32)
-    velocity = model_output.astype(jnp.float32)
-    return latents + (xs["sigma_next"] - xs["sigma"]) * velocity, carry
 
 
 # ---------------------------------------------------------------------------
@@ -581,7 +586,7 @@ def scan_schedule(scheduler, model_fn, latents: jax.Array, *, xs: Optional[Mappi
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class FlowEulerLinspace:
+class FlowEulerLinspace(_EulerStep):
   """diffusers' `FlowMatchEulerDiscreteScheduler` after
   `set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])`: what
   `HunyuanVideoPipeline` (diffusers 0.42.1) does; `from_diffusers_config` gives
@@ -608,19 +613,6 @@ class FlowEulerLinspace:
     s = self.shift * s / (1 + (self.shift - 1) * s)  # float32 arithmetic, as diffusers
     return np.concatenate([s.astype(np.float32), np.zeros((1,), np.float32)])
 
-  def timesteps(self) -> np.ndarray:
-    return self.sigmas()[:-1] * np.float32(self.num_train_timesteps)
-
-  def step_inputs(self) -> dict[str, np.ndarray]:
-    s = self.sigmas()
-    return dict(timestep=self.timesteps(), sigma=s[:-1], sigma_next=s[1:])
-
-  def init(self, latents: jax.Array) -> tuple:
-    del latents
-    return ()
-
-  def step(self, carry, latents, model_output, xs):
-    return FlowEuler.step(self, carry, latents, model_output, xs)
 
 
 def hunyuan_video_scheduler(config: Mapping[str, Any], num_inference_steps: int,

@@ -20,12 +20,13 @@ their pipelines (image latents concatenated to the noise) are not in modjax.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Optional
 
-import jax.numpy as jnp
 import numpy as np
 
+from models import validate
 from models.weights import parse_config
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,27 +68,9 @@ _DIFFUSERS_DEFAULTS = {
 _DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 
 
-def _dtype(name: str, value: Any) -> np.dtype:
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.name not in DTYPES:
-    raise ValueError(f"CogVideoXConfig.{name} must be one of {DTYPES}, got {value!r}")
-  return dtype
-
-
-def _positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"CogVideoXConfig.{name} must be a positive int, got {value!r}")
-  return int(value)
-
-
-def _positive_float(name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-      or value <= 0:
-    raise ValueError(f"CogVideoXConfig.{name} must be a finite number > 0, got {value!r}")
-  return float(value)
+_dtype = functools.partial(validate.dtype, "CogVideoXConfig", allowed=DTYPES)
+_positive_int = functools.partial(validate.integer, "CogVideoXConfig")
+_positive_float = functools.partial(validate.positive_float, "CogVideoXConfig")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,15 +373,8 @@ class CogVideoXConfig:
 
   def to_dict(self) -> dict[str, Any]:
     """All fields, json-ready (dtypes as names)."""
-    out = dataclasses.asdict(self)
-    out["param_dtype"] = self.param_dtype.name
-    out["dtype"] = self.dtype.name
-    return out
+    return validate.to_dict(self)
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any], **overrides) -> CogVideoXConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"unknown CogVideoXConfig fields {unknown}; known fields: {sorted(known)}")
-    return cls(**{**fields, **overrides})
+    return validate.from_dict(cls, fields, overrides)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.cogvideox.config import CogVideoXConfig
+from models.rope import axis_rope_tables
 
 THETA = 10000.0
 
@@ -70,22 +71,7 @@ def rope_positions(config: CogVideoXConfig, grid: tuple[int, int, int]):
 def rope_tables(config: CogVideoXConfig, grid: tuple[int, int, int],
                 theta: float = THETA) -> tuple[jnp.ndarray, jnp.ndarray]:
   """cos, sin float32 [t*h*w, head_dim // 2]: one angle per video token and channel pair."""
-  head_dim = config.head_dim
-  tables = []
-  for axis, (pos, d) in enumerate(zip(rope_positions(config, grid), rope_axis_dims(head_dim))):
-    inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
-    angles = np.outer(pos, inv_freq)                                    # [n, d/2]
-    shape = [1, 1, 1, d // 2]
-    shape[axis] = len(pos)
-    tables.append([np.cos(angles).astype(np.float32).reshape(shape),
-                   np.sin(angles).astype(np.float32).reshape(shape)])
-
-  def per_token(parts):
-    parts = [jnp.broadcast_to(jnp.asarray(p), (*grid, p.shape[-1])) for p in parts]
-    return jnp.concatenate(parts, axis=-1).reshape(-1, head_dim // 2)
-
-  cos, sin = zip(*tables)
-  return per_token(cos), per_token(sin)
+  return axis_rope_tables(rope_positions(config, grid), rope_axis_dims(config.head_dim), theta)
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:

@@ -22,17 +22,10 @@ import numpy as np
 
 from models.cogvideox.config import CogVideoXConfig
 from models.text import T5EncoderConfig, Tokenizer, encode
+from models.text.prompts import prompt_list
 
 MAX_SEQUENCE_LENGTH = 226
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8
-
-
-def _prompt_list(prompts) -> list[str]:
-  if isinstance(prompts, str):
-    return [prompts]
-  if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
-    return list(prompts)
-  raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
 
 
 def encode_prompts(encoder_config: T5EncoderConfig, params, tokenizer: Tokenizer,
@@ -43,7 +36,7 @@ def encode_prompts(encoder_config: T5EncoderConfig, params, tokenizer: Tokenizer
   padded / truncated to max_length with `</s>`, encoded WITHOUT an attention
   mask (the padding tokens are attended to and keep their embeddings). The
   negative prompt defaults to "" in diffusers and is encoded the same way."""
-  ids, _ = tokenizer(_prompt_list(prompts), max_length=max_length)
+  ids, _ = tokenizer(prompt_list(prompts), max_length=max_length)
   return encode(encoder_config, params, ids)
 
 

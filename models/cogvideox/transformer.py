@@ -27,8 +27,8 @@ Latents are [B, C, F, H, W] like every modjax family (diffusers' model takes
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional
+import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -37,8 +37,9 @@ import jax.numpy as jnp
 from models import attention
 from models.cogvideox import positions
 from models.cogvideox.config import QK_NORM_EPS, CogVideoXConfig
-from models.family import AttentionLayout
-from models.wan.rope import apply_rope
+from models.family import AttentionLayout, ConfigFamily
+from models.layers import MLP, FeedForward, FP32LayerNorm, layer_slice, stack, timestep_embedding
+from models.rope import apply_rope
 
 f32 = jnp.float32
 DEFAULT_TEXT_LEN = 226  # diffusers' CogVideoX pipelines: max_sequence_length=226
@@ -68,48 +69,7 @@ def unpatchify(tokens: jnp.ndarray, patch_size: int, patch_size_t: int,
   return x.reshape(batch, -1, gt * pt, gh * p, gw * p)
 
 
-def timestep_embedding(timestep: jnp.ndarray, dim: int, flip_sin_to_cos: bool = True,
-                       freq_shift: int = 0, max_period: float = 10000.0) -> jnp.ndarray:
-  """diffusers' `Timesteps` / `get_timestep_embedding`: [B] -> [B, dim] float32."""
-  half = dim // 2
-  exponent = -math.log(max_period) * jnp.arange(half, dtype=f32) / (half - freq_shift)
-  angles = timestep.astype(f32)[:, None] * jnp.exp(exponent)[None, :]
-  emb = [jnp.sin(angles), jnp.cos(angles)]
-  return jnp.concatenate(emb[::-1] if flip_sin_to_cos else emb, axis=-1)
-
-
 # ------------------------------------------------------------------- layers
-
-class LayerNorm(nn.Module):
-  """LayerNorm over the last axis in float32 (returns float32); affine optional."""
-  eps: float
-  affine: bool = True
-  param_dtype: Any = f32
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.astype(f32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    if self.affine:
-      dim = x.shape[-1]
-      y = y * self.param("scale", nn.initializers.ones, (dim,), self.param_dtype).astype(f32)
-      y = y + self.param("bias", nn.initializers.zeros, (dim,), self.param_dtype).astype(f32)
-    return y
-
-
-class TimestepMLP(nn.Module):
-  """linear_1 -> SiLU -> linear_2 in float32 (diffusers' TimestepEmbedding)."""
-  features: int
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    dense = lambda name: nn.Dense(self.features, dtype=f32, param_dtype=self.param_dtype,
-                                  name=name)
-    return dense("linear_2")(nn.silu(dense("linear_1")(x.astype(f32))))
-
 
 def _per_token(text_value, video_value, text_len: int, seq_len: int):
   """[B, 1, D] per-segment values -> [B, S, D]: text_value on the first text_len tokens."""
@@ -132,7 +92,7 @@ class LayerNormZero(nn.Module):
     shift, scale, gate, enc_shift, enc_scale, enc_gate = jnp.split(mod[:, None, :], 6, axis=-1)
     seq = x.shape[1]
     tok = lambda text_v, video_v: _per_token(text_v, video_v, self.text_len, seq)
-    h = LayerNorm(cfg.norm_eps, cfg.norm_elementwise_affine, cfg.param_dtype, name="norm")(x)
+    h = FP32LayerNorm(cfg.norm_eps, cfg.norm_elementwise_affine, cfg.param_dtype, name="norm")(x)
     return h * (1 + tok(enc_scale, scale)) + tok(enc_shift, shift), tok(enc_gate, gate)
 
 
@@ -151,25 +111,13 @@ class CogVideoXAttention(nn.Module):
     q = heads(dense("to_q", cfg.attention_bias)(x))
     k = heads(dense("to_k", cfg.attention_bias)(x))
     v = heads(dense("to_v", cfg.attention_bias)(x))
-    q = LayerNorm(QK_NORM_EPS, True, cfg.param_dtype, name="norm_q")(q).astype(cfg.dtype)
-    k = LayerNorm(QK_NORM_EPS, True, cfg.param_dtype, name="norm_k")(k).astype(cfg.dtype)
+    q = FP32LayerNorm(QK_NORM_EPS, True, cfg.param_dtype, name="norm_q")(q).astype(cfg.dtype)
+    k = FP32LayerNorm(QK_NORM_EPS, True, cfg.param_dtype, name="norm_k")(k).astype(cfg.dtype)
     if rope is not None:  # the text rows of the tables are the identity (cos 1, sin 0)
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out, stats = attention.self_attention(q, k, v, control)
     out = out.reshape(*x.shape[:2], cfg.dim)
     return dense("to_out", True)(out), stats
-
-
-class FeedForward(nn.Module):
-  """proj_in -> GELU (tanh or exact) -> proj_out (diffusers' ff.net.0.proj / ff.net.2)."""
-  config: CogVideoXConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    x = nn.Dense(cfg.ffn_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj_in")(x)
-    x = jax.nn.gelu(x, approximate=cfg.activation == "gelu-approximate")
-    return nn.Dense(cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj_out")(x)
 
 
 class CogVideoXBlock(nn.Module):
@@ -186,7 +134,9 @@ class CogVideoXBlock(nn.Module):
         h.astype(cfg.dtype), rope, control)
     x = (x.astype(f32) + out.astype(f32) * gate).astype(cfg.dtype)
     h, gate = LayerNormZero(cfg, self.text_len, name="norm2")(x, temb)
-    out = FeedForward(cfg, name="ff")(h.astype(cfg.dtype))
+    gelu = functools.partial(jax.nn.gelu, approximate=cfg.activation == "gelu-approximate")
+    out = FeedForward(cfg.ffn_dim, cfg.dim, gelu, cfg.dtype, cfg.param_dtype, name="ff")(
+        h.astype(cfg.dtype))
     x = (x.astype(f32) + out.astype(f32) * gate).astype(cfg.dtype)
     return x, stats
 
@@ -223,14 +173,6 @@ class CogVideoXPatchEmbed(nn.Module):
     return jnp.concatenate([text, video], axis=1)
 
 
-def _layer_slice(control, i):
-  return jax.tree.map(lambda a: a[i], control)
-
-
-def _stack(trees):
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
 # -------------------------------------------------------------------- model
 
 class CogVideoXDiT(nn.Module):
@@ -259,11 +201,7 @@ class CogVideoXDiT(nn.Module):
       raise ValueError(
           f"context must be [B={batch}, L, {cfg.text_dim}], got shape {context.shape}")
     text_len = context.shape[1]
-    for leaf in jax.tree.leaves(control):
-      if leaf.shape[:1] != (cfg.num_layers,):
-        raise ValueError(
-            f"control leaves need a leading layer axis of num_layers={cfg.num_layers}, "
-            f"got a leaf of shape {leaf.shape}")
+    attention.check_control_layers(control, cfg.num_layers)
 
     grid = cfg.grid(*latents.shape[2:])
     rope = None
@@ -272,13 +210,13 @@ class CogVideoXDiT(nn.Module):
       rope = (jnp.concatenate([jnp.ones((text_len, cos.shape[1]), cos.dtype), cos]),
               jnp.concatenate([jnp.zeros((text_len, sin.shape[1]), sin.dtype), sin]))
 
-    temb = TimestepMLP(cfg.time_embed_dim, cfg.param_dtype, name="time_embedding")(
+    temb = MLP(cfg.time_embed_dim, nn.silu, f32, cfg.param_dtype, name="time_embedding")(
         timestep_embedding(timestep, cfg.dim, cfg.flip_sin_to_cos, cfg.freq_shift))
     if cfg.ofs_embed_dim is not None:
       if ofs is None:
         raise ValueError(f"ofs is required: the config has ofs_embed_dim={cfg.ofs_embed_dim}")
       ofs = _per_row("ofs", ofs, batch)
-      temb = temb + TimestepMLP(cfg.ofs_embed_dim, cfg.param_dtype, name="ofs_embedding")(
+      temb = temb + MLP(cfg.ofs_embed_dim, nn.silu, f32, cfg.param_dtype, name="ofs_embedding")(
           timestep_embedding(ofs, cfg.ofs_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift))
     elif ofs is not None:
       raise ValueError("ofs given, but the config has no ofs embedding (ofs_embed_dim=None)")
@@ -296,12 +234,12 @@ class CogVideoXDiT(nn.Module):
       per_layer = []
       for i in range(cfg.num_layers):
         x, layer_stats = block(cfg, text_len, name=f"transformer_blocks_{i}")(
-            x, temb, rope, _layer_slice(control, i))
+            x, temb, rope, layer_slice(control, i))
         per_layer.append(layer_stats)
-      stats = _stack(per_layer)
+      stats = stack(per_layer)
 
     video = x[:, text_len:]
-    video = LayerNorm(cfg.norm_eps, cfg.norm_elementwise_affine, cfg.param_dtype,
+    video = FP32LayerNorm(cfg.norm_eps, cfg.norm_elementwise_affine, cfg.param_dtype,
                       name="norm_final")(video)
     video = _NormOut(cfg, name="norm_out")(video, temb)
     out = nn.Dense(cfg.out_channels * cfg.temporal_patch * cfg.patch_size ** 2, dtype=cfg.dtype,
@@ -319,7 +257,7 @@ class _NormOut(nn.Module):
     mod = nn.Dense(2 * cfg.dim, dtype=f32, param_dtype=cfg.param_dtype,
                    name="linear")(nn.silu(temb.astype(f32)))
     shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
-    x = LayerNorm(cfg.norm_eps, cfg.norm_elementwise_affine, cfg.param_dtype, name="norm")(x)
+    x = FP32LayerNorm(cfg.norm_eps, cfg.norm_elementwise_affine, cfg.param_dtype, name="norm")(x)
     return x * (1 + scale) + shift
 
 
@@ -373,7 +311,7 @@ def apply(config: CogVideoXConfig, params, latents, timestep, context,
 # ------------------------------------------------------------------- family
 
 @dataclasses.dataclass(frozen=True)
-class CogVideoXFamily:
+class CogVideoXFamily(ConfigFamily):
   """CogVideoX text-to-video behind the `models.family.Family` protocol.
 
   Joint self-attention over [text; video]: the layout puts the video tokens at
@@ -396,17 +334,6 @@ class CogVideoXFamily:
           f"CogVideoXFamily is text-to-video: in_channels ({self.config.in_channels}) must equal "
           f"out_channels ({self.config.out_channels}); image-to-video checkpoints take image "
           f"latents beside the noise, which no modjax pipeline builds")
-
-  @property
-  def latent_channels(self) -> int:
-    return self.config.in_channels
-
-  @property
-  def dtype(self):
-    return self.config.dtype
-
-  def check_latent_size(self, frames: int, height: int, width: int) -> None:
-    self.config.grid(frames, height, width)
 
   def attention_layout(self, frames: int, height: int, width: int) -> AttentionLayout:
     cfg = self.config

@@ -7,13 +7,13 @@ translate to and from diffusers' `HunyuanVideoTransformer3DModel` config.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Mapping
 
-import jax.numpy as jnp
-import numpy as np
 
+from models import validate
 from models.weights import parse_config
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -47,27 +47,9 @@ _DIFFUSERS_DEFAULTS = {
 _DIFFUSERS_CLASS = "HunyuanVideoTransformer3DModel"
 
 
-def _dtype(name: str, value: Any) -> np.dtype:
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.name not in DTYPES:
-    raise ValueError(f"HunyuanVideoConfig.{name} must be one of {DTYPES}, got {value!r}")
-  return dtype
-
-
-def _int(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-    raise ValueError(f"HunyuanVideoConfig.{name} must be an int >= {minimum}, got {value!r}")
-  return int(value)
-
-
-def _positive_float(name: str, value) -> float:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-      or value <= 0):
-    raise ValueError(f"HunyuanVideoConfig.{name} must be a finite number > 0, got {value!r}")
-  return float(value)
+_dtype = functools.partial(validate.dtype, "HunyuanVideoConfig", allowed=DTYPES)
+_int = functools.partial(validate.integer, "HunyuanVideoConfig")
+_positive_float = functools.partial(validate.positive_float, "HunyuanVideoConfig")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,17 +256,8 @@ class HunyuanVideoConfig:
 
   def to_dict(self) -> dict[str, Any]:
     """All fields, json-ready (dtypes as names)."""
-    out = dataclasses.asdict(self)
-    out["rope_axes_dim"] = list(self.rope_axes_dim)
-    out["param_dtype"] = self.param_dtype.name
-    out["dtype"] = self.dtype.name
-    return out
+    return validate.to_dict(self)
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any], **overrides) -> HunyuanVideoConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"unknown HunyuanVideoConfig fields {unknown}; known fields: "
-                       f"{sorted(known)}")
-    return cls(**{**fields, **overrides})
+    return validate.from_dict(cls, fields, overrides)

@@ -43,18 +43,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models import attention
-from models.family import AttentionLayout
+from models.family import AttentionLayout, ConfigFamily
 from models.hunyuan.config import EPS, HunyuanVideoConfig
 from models.hunyuan.context import HunyuanVideoContext
 from models.hunyuan.rope import apply_rope, rope_tables
-from models.wan.transformer import MLP, FP32LayerNorm, RMSNorm, patchify, timestep_embedding
+from models.layers import (MLP, FeedForward, FP32LayerNorm, RMSNorm, gelu_tanh, layer_slice, stack,
+                           timestep_embedding)
+from models.wan.transformer import patchify
 
 f32 = jnp.float32
 
@@ -70,10 +72,6 @@ def unpatchify(tokens: jnp.ndarray, patch_size: tuple[int, int, int],
   return x.reshape(batch, -1, gt * pt, gh * ph, gw * pw)
 
 
-def _gelu_tanh(x):
-  return jax.nn.gelu(x, approximate=True)
-
-
 def _dense(cfg: HunyuanVideoConfig, features: int, name: str, dtype=None):
   return nn.Dense(features, dtype=cfg.dtype if dtype is None else dtype,
                   param_dtype=cfg.param_dtype, name=name)
@@ -81,11 +79,6 @@ def _dense(cfg: HunyuanVideoConfig, features: int, name: str, dtype=None):
 
 def _layer_norm(x):
   return FP32LayerNorm(EPS)(x)
-
-
-def _dense_attention_implementation(dtype) -> str:
-  on_gpu = jax.default_backend() == "gpu"
-  return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def joint_attention(q, k, v, kv_lengths, control):
@@ -96,7 +89,7 @@ def joint_attention(q, k, v, kv_lengths, control):
   if control is not None:  # HunyuanVideoDiT checks this before tracing a layer
     raise ValueError("an attention control cannot take a text padding mask")
   out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths,
-                                     implementation=_dense_attention_implementation(q.dtype))
+                                     implementation=attention.default_implementation(q.dtype))
   return out, {}
 
 
@@ -113,19 +106,6 @@ class AdaNorm(nn.Module):
     cfg = self.config
     emb = _dense(cfg, self.chunks * cfg.dim, "linear")(nn.silu(temb).astype(cfg.dtype))
     return jnp.split(emb.astype(f32)[:, None, :], self.chunks, axis=-1)
-
-
-class FeedForward(nn.Module):
-  """proj_in -> activation -> proj_out (diffusers' ff.net.0.proj / ff.net.2)."""
-  config: HunyuanVideoConfig
-  hidden: int
-  activation: Any = _gelu_tanh
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    x = self.activation(_dense(cfg, self.hidden, "proj_in")(x))
-    return _dense(cfg, cfg.dim, "proj_out")(x)
 
 
 class PatchEmbed(nn.Module):
@@ -168,7 +148,7 @@ class RefinerAttention(nn.Module):
     cfg = self.config
     q, k, v = (_heads(cfg, _dense(cfg, cfg.dim, n)(x)) for n in ("to_q", "to_k", "to_v"))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                       implementation=_dense_attention_implementation(q.dtype))
+                                       implementation=attention.default_implementation(q.dtype))
     return _dense(cfg, cfg.dim, "to_out")(out.reshape(*x.shape[:2], cfg.dim))
 
 
@@ -184,8 +164,8 @@ class RefinerBlock(nn.Module):
     out = RefinerAttention(cfg, name="attn")(norm("norm1")(x).astype(cfg.dtype), mask)
     gate_msa, gate_mlp = AdaNorm(cfg, 2, name="norm_out")(temb)
     x = (x.astype(f32) + out.astype(f32) * gate_msa).astype(cfg.dtype)
-    out = FeedForward(cfg, cfg.refiner_mlp_dim, nn.silu, name="ff")(
-        norm("norm2")(x).astype(cfg.dtype))
+    ff = FeedForward(cfg.refiner_mlp_dim, cfg.dim, nn.silu, cfg.dtype, cfg.param_dtype, name="ff")
+    out = ff(norm("norm2")(x).astype(cfg.dtype))
     x = (x.astype(f32) + out.astype(f32) * gate_mlp).astype(cfg.dtype)
     return x, {}
 
@@ -274,8 +254,9 @@ class DualBlock(nn.Module):
 
     h = _layer_norm(x) * (1 + scale_mlp) + shift_mlp
     h_text = _layer_norm(text) * (1 + c_scale_mlp) + c_shift_mlp
-    out = FeedForward(cfg, cfg.mlp_dim, name="ff")(h.astype(cfg.dtype))
-    out_text = FeedForward(cfg, cfg.mlp_dim, name="ff_context")(h_text.astype(cfg.dtype))
+    ff = lambda name: FeedForward(cfg.mlp_dim, cfg.dim, gelu_tanh, cfg.dtype, cfg.param_dtype,
+                                  name=name)
+    out, out_text = ff("ff")(h.astype(cfg.dtype)), ff("ff_context")(h_text.astype(cfg.dtype))
     x = (x.astype(f32) + out.astype(f32) * gate_mlp).astype(cfg.dtype)
     text = (text.astype(f32) + out_text.astype(f32) * c_gate_mlp).astype(cfg.dtype)
     return (x, text), stats
@@ -312,19 +293,11 @@ class SingleBlock(nn.Module):
     cfg = self.config
     shift, scale, gate = AdaNorm(cfg, 3, name="norm")(temb)
     h = (_layer_norm(xs) * (1 + scale) + shift).astype(cfg.dtype)
-    mlp = _gelu_tanh(_dense(cfg, cfg.mlp_dim, "proj_mlp")(h))
+    mlp = gelu_tanh(_dense(cfg, cfg.mlp_dim, "proj_mlp")(h))
     out, stats = SingleAttention(cfg, name="attn")(h, rope, kv_lengths, control)
     out = _dense(cfg, cfg.dim, "proj_out")(jnp.concatenate([out, mlp], axis=-1))
     xs = (xs.astype(f32) + out.astype(f32) * gate).astype(cfg.dtype)
     return xs, stats
-
-
-def _layer_slice(tree, i):
-  return jax.tree.map(lambda a: a[i], tree)
-
-
-def _stack(trees):
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def _blocks(cfg: HunyuanVideoConfig, block_cls, n: int, name: str, carry, broadcast: tuple,
@@ -343,9 +316,9 @@ def _blocks(cfg: HunyuanVideoConfig, block_cls, n: int, name: str, carry, broadc
     return blocks(cfg, name=name)(carry, *broadcast, control)
   per_layer = []
   for i in range(n):
-    carry, stats = block(cfg, name=f"{name}_{i}")(carry, *broadcast, _layer_slice(control, i))
+    carry, stats = block(cfg, name=f"{name}_{i}")(carry, *broadcast, layer_slice(control, i))
     per_layer.append(stats)
-  return carry, _stack(per_layer)
+  return carry, stack(per_layer)
 
 
 def _concat_stats(first, second, n_first: int, n_second: int):
@@ -437,11 +410,9 @@ def _check_inputs(cfg: HunyuanVideoConfig, latents, timestep, context, control) 
                        f"(guidance_scale * 1000), got {got}")
   elif context.guidance is not None:
     raise ValueError("this model has no guidance_embeds: context.guidance must be None")
-  for leaf in jax.tree.leaves(control):
-    if leaf.shape[:1] != (cfg.num_attention_layers,):
-      raise ValueError(
-          f"control leaves need a leading layer axis of num_layers + num_single_layers = "
-          f"{cfg.num_attention_layers}, got a leaf of shape {leaf.shape}")
+  attention.check_control_layers(
+      control, cfg.num_attention_layers,
+      f"num_layers + num_single_layers = {cfg.num_attention_layers}")
   if control is not None and context.text_mask is not None:
     raise ValueError(
         "an attention control takes no key mask: pass a context without text padding "
@@ -483,7 +454,7 @@ def apply(config: HunyuanVideoConfig, params, latents, timestep, context: Hunyua
 # ------------------------------------------------------------------- family
 
 @dataclasses.dataclass(frozen=True)
-class HunyuanVideoFamily:
+class HunyuanVideoFamily(ConfigFamily):
   """HunyuanVideo behind the `models.family.Family` protocol.
 
   Self-attention is joint over [video; text]: video first (video_start = 0), then
@@ -500,17 +471,6 @@ class HunyuanVideoFamily:
   def __post_init__(self):
     if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or self.text_len < 1:
       raise ValueError(f"HunyuanVideoFamily.text_len must be an int >= 1, got {self.text_len!r}")
-
-  @property
-  def latent_channels(self) -> int:
-    return self.config.in_channels
-
-  @property
-  def dtype(self):
-    return self.config.dtype
-
-  def check_latent_size(self, frames: int, height: int, width: int) -> None:
-    self.config.grid(frames, height, width)
 
   def attention_layout(self, frames: int, height: int, width: int) -> AttentionLayout:
     cfg = self.config

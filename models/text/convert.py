@@ -31,7 +31,6 @@ not expect is an error. Every name and shape is checked before any data is read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -99,14 +98,7 @@ def transformers_tensor_shapes(config: T5EncoderConfig) -> dict[str, tuple[int, 
 
 def encoder_dir(path) -> Path:
   """The folder with config.json: path itself or its text_encoder/ subfolder."""
-  path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"no text encoder at {str(path)!r}: path does not exist")
-  if (path / CONFIG_NAME).exists():
-    return path
-  if (path / "text_encoder" / CONFIG_NAME).exists():
-    return path / "text_encoder"  # a pipeline folder
-  raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r} (nor in its text_encoder/ folder)")
+  return weights.model_dir(path, "text_encoder", "text encoder")
 
 
 def load_text_encoder(path, **overrides) -> tuple[T5EncoderConfig, Any]:
@@ -119,18 +111,14 @@ def load_text_encoder(path, **overrides) -> tuple[T5EncoderConfig, Any]:
   config = T5EncoderConfig.from_transformers_config(weights.read_json(config_file),
                                                     where=str(config_file), **overrides)
   files = weights.weight_files(folder, WEIGHTS_NAME, INDEX_NAME)
-  found = [n for n in files if not n.startswith(SKIPPED_PREFIXES)]
   # Read the embedding from shared.weight when present, else from its alias.
   embedding = next((n for n in EMBEDDING_NAMES if n in files), EMBEDDING_NAMES[0])
   entries = [dataclasses.replace(e, name=embedding) if e.name == EMBEDDING_NAMES[0] else e
              for e in _entries(config)]
   expected = {e.name: e.shape for e in entries}
   expected.update({n: expected[embedding] for n in EMBEDDING_NAMES if n in files})
-  weights.check_names(expected, found, str(folder))
-
-  with weights.open_tensors(files) as tensors:
-    for name, shape in expected.items():  # every shape first: fail before reading any data
-      weights.check_shape(name, shape, tensors.shape(name), tensors.where(name))
+  skip = lambda name: name.startswith(SKIPPED_PREFIXES)
+  with weights.open_checked(files, expected, str(folder), skip=skip) as tensors:
     return config, _read_params(config, entries, tensors.get)
 
 
@@ -154,19 +142,11 @@ def save_text_encoder(config: T5EncoderConfig, params, path, *,
   """Writes config.json and the weights as transformers' `save_pretrained` lays
   them out (`shared.weight` for the tied embedding), sharded with an index json
   beyond max_shard_size bytes. Weights keep their dtype."""
-  shapes = traverse_util.flatten_dict(param_shapes(config))
   flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
-  dotted = lambda p: ".".join(p)
-  weights.check_names({dotted(p) for p in shapes}, {dotted(p) for p in flat}, "params")
-  for p, leaf in flat.items():
-    weights.check_shape(dotted(p), shapes[p].shape, leaf.shape, "params")
+  weights.check_params(traverse_util.flatten_dict(param_shapes(config)), flat, "params")
   tensors = {}
   for e in _entries(config):
     array = flat[e.path] if e.layer is None else flat[e.path][e.layer]
     tensors[e.name] = array.T if e.transpose else array
-  folder = Path(path)
-  folder.mkdir(parents=True, exist_ok=True)
-  (folder / CONFIG_NAME).write_text(
-      json.dumps(config.to_transformers_config(), indent=2) + "\n")
-  weights.save_tensors(folder, tensors, WEIGHTS_NAME, INDEX_NAME, max_shard_size=max_shard_size,
-                       metadata={"format": "pt"})
+  weights.save_model_folder(path, config.to_transformers_config(), tensors, WEIGHTS_NAME,
+                            INDEX_NAME, max_shard_size=max_shard_size)

@@ -39,7 +39,8 @@ def prompt_clean(text: str) -> str:
   return _WHITESPACE.sub(" ", text).strip()
 
 
-def _prompt_list(prompts) -> list[str]:
+def prompt_list(prompts) -> list[str]:
+  """prompts (a string or a non-empty list of strings) as a list."""
   if isinstance(prompts, str):
     return [prompts]
   if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
@@ -58,7 +59,7 @@ def encode_prompts(encoder_config: T5EncoderConfig, params, tokenizer: Tokenizer
                    prompts: str | Sequence[str], *, max_length: int = 512) -> jax.Array:
   """prompts (a string or a list of strings) -> embeddings [B, max_length, d_model]
   float32, zero past each prompt's token count (its `</s>` included)."""
-  prompts = _prompt_list(prompts)
+  prompts = prompt_list(prompts)
   ids, mask = tokenizer([prompt_clean(p) for p in prompts], max_length=max_length)
   embeddings = encode(encoder_config, params, ids, mask)
   return _zero_padding(embeddings, jnp.asarray(mask))

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import weights
+from models import validate, weights
 
 f32 = jnp.float32
 DTYPES = ("float32", "bfloat16")
@@ -88,20 +88,8 @@ _IGNORED_KEYS = (
 )
 
 
-def _dtype(name: str, value: Any) -> np.dtype:
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.name not in DTYPES:
-    raise ValueError(f"T5EncoderConfig.{name} must be one of {DTYPES}, got {value!r}")
-  return dtype
-
-
-def _positive_int(name: str, value: Any) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"T5EncoderConfig.{name} must be a positive int, got {value!r}")
-  return int(value)
+_dtype = functools.partial(validate.dtype, "T5EncoderConfig", allowed=DTYPES)
+_positive_int = functools.partial(validate.integer, "T5EncoderConfig")
 
 
 @dataclasses.dataclass(frozen=True)

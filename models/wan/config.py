@@ -7,12 +7,13 @@ translate to and from diffusers' `WanTransformer3DModel` config.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
+from models import validate
 from models.weights import parse_config
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -43,14 +44,7 @@ _UNSUPPORTED_DIFFUSERS_KEYS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_
 _DIFFUSERS_CLASS = "WanTransformer3DModel"
 
 
-def _dtype(name: str, value: Any) -> np.dtype:
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.name not in DTYPES:
-    raise ValueError(f"WanConfig.{name} must be one of {DTYPES}, got {value!r}")
-  return dtype
+_dtype = functools.partial(validate.dtype, "WanConfig", allowed=DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +78,7 @@ class WanConfig:
   def __post_init__(self):
     for name in ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers",
                  "text_dim", "freq_dim", "rope_max_seq_len"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"WanConfig.{name} must be a positive int, got {value!r}")
-      object.__setattr__(self, name, int(value))
+      object.__setattr__(self, name, validate.integer("WanConfig", name, getattr(self, name)))
     patch = tuple(self.patch_size)
     if len(patch) != 3 or not all(isinstance(p, (int, np.integer)) and p >= 1 for p in patch):
       raise ValueError(
@@ -228,16 +219,8 @@ class WanConfig:
 
   def to_dict(self) -> dict[str, Any]:
     """All fields, json-ready (dtypes as names)."""
-    out = dataclasses.asdict(self)
-    out["patch_size"] = list(self.patch_size)
-    out["param_dtype"] = self.param_dtype.name
-    out["dtype"] = self.dtype.name
-    return out
+    return validate.to_dict(self)
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any], **overrides) -> WanConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"unknown WanConfig fields {unknown}; known fields: {sorted(known)}")
-    return cls(**{**fields, **overrides})
+    return validate.from_dict(cls, fields, overrides)

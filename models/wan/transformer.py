@@ -2,7 +2,7 @@
 
 Submodules keep diffusers' names (patch_embedding, condition_embedder,
 blocks.attn1.to_q, ...) so that weight conversion is a near-identity rename;
-`models.loading` holds the few exceptions. Mixed precision follows diffusers:
+`models.wan.convert` holds the few exceptions. Mixed precision follows diffusers:
 the residual stream and the matrix products run in `config.dtype`, while
 LayerNorms, QK RMSNorms, the time embedder, the adaLN modulation and the gated
 residual adds run in float32.
@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models import attention
-from models.family import AttentionLayout
+from models.family import AttentionLayout, ConfigFamily
+from models.layers import (MLP, FeedForward, FP32LayerNorm, RMSNorm, gelu_tanh, layer_slice, stack,
+                           timestep_embedding)
 from models.wan.config import WanConfig
 from models.wan.rope import apply_rope, rope_tables
 
@@ -51,67 +53,7 @@ def unpatchify(tokens: jnp.ndarray, patch_size: tuple[int, int, int],
   return x.reshape(batch, -1, gt * pt, gh * ph, gw * pw)
 
 
-def timestep_embedding(timestep: jnp.ndarray, dim: int, max_period: float = 10000.0):
-  """Sinusoidal embedding [B, dim], (cos, sin) halves: diffusers' `Timesteps` with
-  flip_sin_to_cos=True, downscale_freq_shift=0."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=f32) / half)
-  angles = timestep.astype(f32)[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
-
-
 # ------------------------------------------------------------------- layers
-
-class FP32LayerNorm(nn.Module):
-  """LayerNorm over the last axis in float32 (returns float32); affine is optional."""
-  eps: float
-  affine: bool = False
-  param_dtype: Any = f32
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.astype(f32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    if self.affine:
-      dim = x.shape[-1]
-      y = y * self.param("scale", nn.initializers.ones, (dim,), self.param_dtype).astype(f32)
-      y = y + self.param("bias", nn.initializers.zeros, (dim,), self.param_dtype).astype(f32)
-    return y
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm with a learned scale, computed in float32, returned in x.dtype."""
-  eps: float
-  param_dtype: Any = f32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    y = x.astype(f32)
-    y = y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + self.eps)
-    return (y * scale.astype(f32)).astype(x.dtype)
-
-
-class MLP(nn.Module):
-  """linear_1 -> activation -> linear_2 (diffusers' TimestepEmbedding and
-  PixArtAlphaTextProjection)."""
-  features: int
-  activation: Any
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    dense = lambda name: nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  name=name)
-    return dense("linear_2")(self.activation(dense("linear_1")(x)))
-
-
-def _gelu_tanh(x):
-  return jax.nn.gelu(x, approximate=True)
-
 
 class WanConditionEmbedder(nn.Module):
   """Timestep -> (temb [B, dim], modulation [B, 6, dim]); text -> context [B, L, dim]."""
@@ -125,7 +67,7 @@ class WanConditionEmbedder(nn.Module):
     temb = MLP(cfg.dim, nn.silu, f32, cfg.param_dtype, name="time_embedder")(t).astype(cfg.dtype)
     modulation = nn.Dense(6 * cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                           name="time_proj")(nn.silu(temb))
-    context = MLP(cfg.dim, _gelu_tanh, cfg.dtype, cfg.param_dtype,
+    context = MLP(cfg.dim, gelu_tanh, cfg.dtype, cfg.param_dtype,
                   name="text_embedder")(text.astype(cfg.dtype))
     return temb, modulation.reshape(-1, 6, cfg.dim), context
 
@@ -154,18 +96,6 @@ class WanAttention(nn.Module):
     return dense("to_out")(out), stats
 
 
-class FeedForward(nn.Module):
-  """proj_in -> GELU(tanh) -> proj_out (diffusers' ffn.net.0.proj / ffn.net.2)."""
-  config: WanConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    x = nn.Dense(cfg.ffn_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj_in")(x)
-    return nn.Dense(cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    name="proj_out")(_gelu_tanh(x))
-
-
 def _table_init(dim):
   return nn.initializers.normal(stddev=dim ** -0.5)
 
@@ -192,17 +122,10 @@ class WanTransformerBlock(nn.Module):
     x = x + out
 
     h = FP32LayerNorm(cfg.eps, name="norm3")(x) * (1 + c_scale) + c_shift
-    out = FeedForward(cfg, name="ffn")(h.astype(cfg.dtype))
+    out = FeedForward(cfg.ffn_dim, cfg.dim, gelu_tanh, cfg.dtype, cfg.param_dtype, name="ffn")(
+        h.astype(cfg.dtype))
     x = (x.astype(f32) + out.astype(f32) * c_gate).astype(cfg.dtype)
     return x, stats
-
-
-def _layer_slice(control, i):
-  return jax.tree.map(lambda a: a[i], control)
-
-
-def _stack(trees):
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 # -------------------------------------------------------------------- model
@@ -235,11 +158,7 @@ class WanDiT(nn.Module):
       raise ValueError(
           f"context must be [B={batch}, L, {cfg.text_dim}], got shape {context.shape}")
 
-    for leaf in jax.tree.leaves(control):
-      if leaf.shape[:1] != (cfg.num_layers,):
-        raise ValueError(
-            f"control leaves need a leading layer axis of num_layers={cfg.num_layers}, "
-            f"got a leaf of shape {leaf.shape}")
+    attention.check_control_layers(control, cfg.num_layers)
 
     grid = cfg.grid(*latents.shape[2:])
     rope = rope_tables(grid, cfg.head_dim, max_seq_len=cfg.rope_max_seq_len)
@@ -261,9 +180,9 @@ class WanDiT(nn.Module):
       per_layer = []
       for i in range(cfg.num_layers):
         x, layer_stats = block(cfg, name=f"blocks_{i}")(
-            x, context, modulation, rope, _layer_slice(control, i))
+            x, context, modulation, rope, layer_slice(control, i))
         per_layer.append(layer_stats)
-      stats = _stack(per_layer)
+      stats = stack(per_layer)
 
     table = self.param("scale_shift_table", _table_init(cfg.dim), (1, 2, cfg.dim), cfg.param_dtype)
     shift, scale = jnp.split(table.astype(f32) + temb.astype(f32)[:, None, :], 2, axis=1)
@@ -304,22 +223,11 @@ def apply(config: WanConfig, params, latents, timestep, context,
 # ------------------------------------------------------------------- family
 
 @dataclasses.dataclass(frozen=True)
-class WanFamily:
+class WanFamily(ConfigFamily):
   """Wan2.1 behind the `models.family.Family` protocol: self-attention over the
   video tokens alone (text enters through cross-attention), velocity output."""
   config: WanConfig
   name: str = "wan"
-
-  @property
-  def latent_channels(self) -> int:
-    return self.config.in_channels
-
-  @property
-  def dtype(self):
-    return self.config.dtype
-
-  def check_latent_size(self, frames: int, height: int, width: int) -> None:
-    self.config.grid(frames, height, width)
 
   def attention_layout(self, frames: int, height: int, width: int) -> AttentionLayout:
     cfg = self.config

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import validate
 from models.weights import parse_config
 
 f32 = jnp.float32
@@ -87,20 +88,8 @@ _DIFFUSERS_DEFAULTS = {
 _DIFFUSERS_CLASS = "AutoencoderKLWan"
 
 
-def _dtype(name: str, value: Any) -> np.dtype:
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.name not in DTYPES:
-    raise ValueError(f"WanVAEConfig.{name} must be one of {DTYPES}, got {value!r}")
-  return dtype
-
-
-def _positive_int(name: str, value: Any) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"WanVAEConfig.{name} must be a positive int, got {value!r}")
-  return int(value)
+_dtype = functools.partial(validate.dtype, "WanVAEConfig", allowed=DTYPES)
+_positive_int = functools.partial(validate.integer, "WanVAEConfig")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,23 +17,18 @@ to the config's param_dtype as it is read.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 
+from models import weights
+from models.convert_common import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 from models.wan.vae import WanVAEConfig, param_shapes
-from models.weights import check_names, check_shape, open_tensors, read_json, weight_files
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _DIFFUSERS_BOOKKEEPING = {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.42.1"}
 _INDEX = re.compile(r"^(.+)_(\d+)$")
 
@@ -74,33 +69,19 @@ def _to_diffusers(path: _ParamPath, array: np.ndarray) -> np.ndarray:
   return array
 
 
-def _vae_dir(path: Path) -> Path:
-  if not path.exists():
-    raise FileNotFoundError(f"no diffusers VAE at {str(path)!r}: path does not exist")
-  if not (path / CONFIG_NAME).exists() and (path / "vae" / CONFIG_NAME).exists():
-    return path / "vae"  # a pipeline folder
-  if not (path / CONFIG_NAME).exists():
-    raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r} (nor in its vae/ folder)")
-  return path
-
-
 def load_diffusers_vae(folder, **overrides) -> tuple[WanVAEConfig, Any]:
   """Reads a diffusers `AutoencoderKLWan` folder (or a pipeline folder with a vae/
   subfolder). overrides set our own config fields (dtype, param_dtype). Returns
   (config, params) with params {encoder, quant_conv, post_quant_conv, decoder}
   in config.param_dtype."""
-  folder = _vae_dir(Path(folder))
-  config = WanVAEConfig.from_diffusers_config(read_json(folder / CONFIG_NAME), **overrides)
+  folder = weights.model_dir(folder, "vae", "diffusers VAE")
+  config = WanVAEConfig.from_diffusers_config(weights.read_json(folder / CONFIG_NAME), **overrides)
   shapes = traverse_util.flatten_dict(param_shapes(config))
   names = {_diffusers_name(p): p for p in shapes}
-  files = weight_files(folder, WEIGHTS_NAME, INDEX_NAME)
-  check_names(names, files, str(folder))
-
+  expected = {name: _diffusers_shape(p, shapes[p].shape) for name, p in names.items()}
+  files = weights.weight_files(folder, WEIGHTS_NAME, INDEX_NAME)
   flat = {}
-  with open_tensors(files) as tensors:
-    for name, p in names.items():  # every shape first: fail before reading any data
-      check_shape(name, _diffusers_shape(p, shapes[p].shape), tensors.shape(name),
-                  tensors.where(name))
+  with weights.open_checked(files, expected, str(folder)) as tensors:
     for name, p in names.items():
       array = _from_diffusers(p, tensors.get(name)).astype(shapes[p].dtype, copy=False)
       flat[p] = jnp.asarray(array)
@@ -111,34 +92,8 @@ def save_diffusers_vae(config: WanVAEConfig, params, folder, *,
                        max_shard_size: int = 10 * 2**30) -> None:
   """Writes config.json and the weights as diffusers lays them out, sharded (with
   an index json) past max_shard_size bytes. Weights keep their dtype."""
-  shapes = traverse_util.flatten_dict(param_shapes(config))
   flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
-  dotted = lambda p: ".".join(p)
-  check_names({dotted(p) for p in shapes}, {dotted(p) for p in flat}, "params")
-  for p, leaf in flat.items():
-    check_shape(dotted(p), shapes[p].shape, leaf.shape, "params")
-  tensors = {_diffusers_name(p): np.ascontiguousarray(_to_diffusers(p, leaf))
-             for p, leaf in flat.items()}
-
-  folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  (folder / CONFIG_NAME).write_text(
-      json.dumps({**_DIFFUSERS_BOOKKEEPING, **config.to_diffusers_config()}, indent=2) + "\n")
-  shards, size = [{}], 0
-  for name in sorted(tensors):
-    if shards[-1] and size + tensors[name].nbytes > max_shard_size:
-      shards, size = shards + [{}], 0
-    shards[-1][name] = tensors[name]
-    size += tensors[name].nbytes
-  metadata = {"format": "pt"}
-  if len(shards) == 1:
-    save_file(shards[0], folder / WEIGHTS_NAME, metadata=metadata)
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards, start=1):
-    file = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, folder / file, metadata=metadata)
-    weight_map.update({name: file for name in shard})
-  index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-           "weight_map": weight_map}
-  (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+  weights.check_params(traverse_util.flatten_dict(param_shapes(config)), flat, "params")
+  tensors = {_diffusers_name(p): _to_diffusers(p, leaf) for p, leaf in flat.items()}
+  weights.save_model_folder(folder, {**_DIFFUSERS_BOOKKEEPING, **config.to_diffusers_config()},
+                            tensors, WEIGHTS_NAME, INDEX_NAME, max_shard_size=max_shard_size)

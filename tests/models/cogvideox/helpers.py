@@ -1,17 +1,6 @@
-"""Shared helpers of the CogVideoX tests: random params and the seeded diffusers oracle."""
+"""Shared helpers of the CogVideoX tests: the seeded diffusers oracle."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from models import cogvideox
-
-
-def random_params(config, seed=0):
-  """Fresh normal params of the right shapes (no init compile), in the config's layout."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
-                      cogvideox.param_shapes(config))
 
 
 # A small diffusers CogVideoXTransformer3DModel: 2 layers, head_dim 16 (the RoPE

@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from models import cogvideox
 from models.cogvideox import CogVideoXConfig
 from models.cogvideox import convert as loading
-from tests.models.cogvideox.helpers import random_params, seeded_diffusers_model
+from tests.models.cogvideox.helpers import seeded_diffusers_model
+from tests.models.helpers import edit_config, edit_weights, random_params
 
 CFG = CogVideoXConfig.tiny()
 WEIGHTS = loading.WEIGHTS_NAME
@@ -127,26 +128,15 @@ def test_param_dtype_override(diffusers_dir):
 
 # ------------------------------------------------------------------ errors
 
-def _edit_config(folder, **changes):
-  config = json.loads((folder / "config.json").read_text())
-  (folder / "config.json").write_text(json.dumps({**config, **changes}))
-
-
-def _edit_weights(folder, edit):
-  tensors = load_file(folder / WEIGHTS)
-  edit(tensors)
-  save_file(tensors, folder / WEIGHTS)
-
-
 def test_unknown_config_key_raises(diffusers_dir):
-  _edit_config(diffusers_dir, use_magic=True)
+  edit_config(diffusers_dir, use_magic=True)
   with pytest.raises(ValueError, match="unknown config key 'use_magic'"):
     cogvideox.load_diffusers_transformer(diffusers_dir)
 
 
 def test_wrong_shape_names_the_tensor(diffusers_dir):
   name = "transformer_blocks.1.attn1.to_k.weight"
-  _edit_weights(diffusers_dir, lambda t: t.update({name: t[name][:, :-1].copy()}))
+  edit_weights(diffusers_dir, WEIGHTS, lambda t: t.update({name: t[name][:, :-1].copy()}))
   with pytest.raises(ValueError, match=rf"'{name}'.*expected shape \(32, 32\), got \(32, 31\)"):
     cogvideox.load_diffusers_transformer(diffusers_dir)
 
@@ -155,14 +145,14 @@ def test_missing_and_unexpected_tensors_are_listed(diffusers_dir):
   def edit(t):
     t["patch_embed.pos_embedding"] = np.zeros((1, 3, CFG.dim), np.float32)
     del t["norm_out.linear.bias"]
-  _edit_weights(diffusers_dir, edit)
+  edit_weights(diffusers_dir, WEIGHTS, edit)
   with pytest.raises(ValueError, match=r"missing \(1\): norm_out\.linear\.bias[\s\S]*"
                                        r"unexpected \(1\): patch_embed\.pos_embedding"):
     cogvideox.load_diffusers_transformer(diffusers_dir)
 
 
 def test_config_disagreeing_with_weights_names_the_tensor(diffusers_dir):
-  _edit_config(diffusers_dir, time_embed_dim=48)
+  edit_config(diffusers_dir, time_embed_dim=48)
   # the first tensor of the time-embedding width found is named, whichever it is
   with pytest.raises(ValueError, match=r"tensor '[\w.]+' in .*: expected shape \((\d+, )?48"):
     cogvideox.load_diffusers_transformer(diffusers_dir)

@@ -14,7 +14,8 @@ from flax import struct
 
 from models import attention, cogvideox
 from models.cogvideox import CogVideoXConfig, CogVideoXFamily, positions
-from tests.models.cogvideox.helpers import diffusers_forward, random_params, seeded_diffusers_model
+from tests.models.cogvideox.helpers import diffusers_forward, seeded_diffusers_model
+from tests.models.helpers import assert_bfloat16_close, assert_compiles_once, random_params
 
 CFG = CogVideoXConfig.tiny()
 B, F, H, W, TEXT_LEN = 2, 3, 6, 10, 5
@@ -266,23 +267,12 @@ def test_init_params_matches_param_shapes():
 
 
 def test_bfloat16_compute_stays_close_to_float32(params, inputs):
-  ref, _ = _forward(CFG)(params, *inputs)
-  out, _ = _forward(dataclasses.replace(CFG, dtype="bfloat16"))(params, *inputs)
-  chex.assert_type(out, jnp.bfloat16)
-  chex.assert_tree_all_finite(out)
-  rel = jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
-  assert float(rel) < 0.05, float(rel)
+  assert_bfloat16_close(_forward(CFG), _forward(dataclasses.replace(CFG, dtype="bfloat16")),
+                        params, inputs)
 
 
 def test_compiles_once_across_calls(params, inputs):
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(p, x, t, c):
-    return cogvideox.apply(CFG, p, x, t, c)[0]
-
-  latents, timestep, context = inputs
-  for i in range(3):
-    step(params, latents + i, timestep * 0.5 ** i, context)
+  assert_compiles_once(lambda p, x, t, c: cogvideox.apply(CFG, p, x, t, c), params, inputs)
 
 
 @pytest.mark.parametrize("latent_shape,t_shape,ctx_shape,match", [

@@ -3,17 +3,9 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from models import hunyuan
-
-
-def random_params(config, seed=0):
-  """Fresh normal params of the right shapes (no init compile), in the config's layout."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
-                      hunyuan.param_shapes(config))
 
 
 def inputs(config, batch=2, latent=(3, 4, 6), text_len=7, lengths=None, seed=1):

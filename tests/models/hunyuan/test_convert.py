@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from models import hunyuan
 from models.hunyuan import HunyuanVideoConfig, HunyuanVideoContext, convert
-from tests.models.hunyuan.common import random_params
+from tests.models.helpers import random_params
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -14,7 +14,8 @@ from flax import struct, traverse_util
 
 from models import hunyuan
 from models.hunyuan import HunyuanVideoConfig, HunyuanVideoContext, HunyuanVideoFamily
-from tests.models.hunyuan.common import forward, inputs, random_params
+from tests.models.helpers import random_params
+from tests.models.hunyuan.common import forward, inputs
 
 # Two blocks of each kind, so that every scan runs more than one layer.
 CFG = HunyuanVideoConfig.tiny(num_layers=2, num_single_layers=2)

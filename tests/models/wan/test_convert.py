@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from models import wan
 from models.wan import WanConfig, convert as loading
-from tests.models.helpers import random_params
+from tests.models.helpers import edit_config, edit_weights, random_params
 
 CFG = WanConfig.tiny()
 WEIGHTS = loading.WEIGHTS_NAME
@@ -175,32 +175,21 @@ def test_own_checkpoint_param_dtype_override(tmp_path, params):
 
 # ------------------------------------------------------------------ errors
 
-def _edit_config(folder, **changes):
-  config = json.loads((folder / "config.json").read_text())
-  (folder / "config.json").write_text(json.dumps({**config, **changes}))
-
-
-def _edit_weights(folder, edit):
-  tensors = load_file(folder / WEIGHTS)
-  edit(tensors)
-  save_file(tensors, folder / WEIGHTS)
-
-
 def test_unknown_config_key_raises(diffusers_dir):
-  _edit_config(diffusers_dir, use_magic=True)
+  edit_config(diffusers_dir, use_magic=True)
   with pytest.raises(ValueError, match="unknown config key 'use_magic'"):
     wan.load_diffusers_transformer(diffusers_dir)
 
 
 def test_wrong_shape_names_the_tensor(diffusers_dir):
   name = "blocks.1.attn2.to_k.weight"
-  _edit_weights(diffusers_dir, lambda t: t.update({name: t[name][:, :-1].copy()}))
+  edit_weights(diffusers_dir, WEIGHTS, lambda t: t.update({name: t[name][:, :-1].copy()}))
   with pytest.raises(ValueError, match=rf"'{name}'.*expected shape \(64, 64\), got \(64, 63\)"):
     wan.load_diffusers_transformer(diffusers_dir)
 
 
 def test_config_disagreeing_with_weights_names_the_tensor(diffusers_dir):
-  _edit_config(diffusers_dir, ffn_dim=96)
+  edit_config(diffusers_dir, ffn_dim=96)
   name = r"'blocks\.0\.ffn\.net\.0\.proj\.(weight|bias)'"
   with pytest.raises(ValueError, match=name + r".*expected shape \(96"):
     wan.load_diffusers_transformer(diffusers_dir)
@@ -210,7 +199,7 @@ def test_missing_and_unexpected_tensors_are_named(diffusers_dir):
   def edit(tensors):
     del tensors["blocks.0.attn1.norm_q.weight"]
     tensors["blocks.0.attn1.lora_A.weight"] = np.ones((2, 2), np.float32)
-  _edit_weights(diffusers_dir, edit)
+  edit_weights(diffusers_dir, WEIGHTS, edit)
   with pytest.raises(ValueError) as error:
     wan.load_diffusers_transformer(diffusers_dir)
   assert "missing (1): blocks.0.attn1.norm_q.weight" in str(error.value)
@@ -218,7 +207,7 @@ def test_missing_and_unexpected_tensors_are_named(diffusers_dir):
 
 
 def test_layer_count_mismatch_reports_missing_layer(diffusers_dir):
-  _edit_config(diffusers_dir, num_layers=3)
+  edit_config(diffusers_dir, num_layers=3)
   with pytest.raises(ValueError, match=r"missing \(\d+\): blocks\.2\."):
     wan.load_diffusers_transformer(diffusers_dir)
 
@@ -269,8 +258,7 @@ def test_full_size_mapping_matches_diffusers_on_the_meta_device(preset):
   with torch.device("meta"):
     model = diffusers.WanTransformer3DModel(**config.to_diffusers_config())
   theirs = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-  ours = {loading._diffusers_name(path): loading._diffusers_shape(path, leaf.shape, config)
-          for path, leaf in loading._loop_layout_shapes(config).items()}
+  ours = loading.diffusers_tensor_shapes(config)
   ignored = {n for n in theirs if any(i in n for i in loading._IGNORED_UNEXPECTED)}
   assert set(ours) == set(theirs) - ignored
   assert {n: theirs[n] for n in ours} == ours

@@ -14,7 +14,7 @@ from flax import struct
 from models import wan
 from models.wan import WanConfig
 from models import attention
-from tests.models.helpers import random_params
+from tests.models.helpers import assert_bfloat16_close, assert_compiles_once, random_params
 
 CFG = WanConfig.tiny()
 B, F, H, W, TEXT_LEN = 2, 2, 4, 6, 5
@@ -130,24 +130,12 @@ def test_control_is_sliced_per_layer_and_stats_stack(params, inputs, scan_layers
 
 
 def test_bfloat16_compute_stays_close_to_float32(params, inputs):
-  ref, _ = _forward(CFG)(params, *inputs)
-  bf16 = dataclasses.replace(CFG, dtype="bfloat16")
-  out, _ = _forward(bf16)(params, *inputs)
-  chex.assert_type(out, jnp.bfloat16)
-  chex.assert_tree_all_finite(out)
-  rel = jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
-  assert float(rel) < 0.05, float(rel)
+  assert_bfloat16_close(_forward(CFG), _forward(dataclasses.replace(CFG, dtype="bfloat16")),
+                        params, inputs)
 
 
 def test_compiles_once_across_calls(params, inputs):
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(p, x, t, c):
-    return wan.apply(CFG, p, x, t, c)[0]
-
-  latents, timestep, context = inputs
-  for i in range(3):
-    step(params, latents + i, timestep * 0.5 ** i, context)
+  assert_compiles_once(lambda p, x, t, c: wan.apply(CFG, p, x, t, c), params, inputs)
 
 
 def test_scalar_timestep_broadcasts(params, inputs):

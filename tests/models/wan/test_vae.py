@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from models import wan
 from models.wan import WanVAEConfig, vae, vae_convert
+from tests.models.helpers import random_like
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -69,9 +70,7 @@ def _jitted(fn, config):
 
 
 def _random_params(config, seed=0):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
-                      vae.param_shapes(config))
+  return random_like(vae.param_shapes(config), seed, scale=0.2)
 
 
 def _latents(t, seed=1, batch=BATCH, hw=LATENT_HW, z_dim=4):
