@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import validate
+
 f32 = jnp.float32
 DTYPES = ("float32", "bfloat16", "float64")  # float64: exactness tests only
 LATENT_FRAMES_PER_CHUNK = 2  # diffusers' num_latent_frames_batch_size
@@ -48,19 +50,11 @@ _NORM_EPS = 1e-6  # CogVideoXSpatialNorm3D's GroupNorm eps (fixed, whatever norm
 
 
 def _dtype(name: str, value: Any) -> np.dtype:
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.name not in DTYPES:
-    raise ValueError(f"CogVideoXVAEConfig.{name} must be one of {DTYPES}, got {value!r}")
-  return dtype
+  return validate.dtype("CogVideoXVAEConfig", name, value, DTYPES)
 
 
 def _positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"CogVideoXVAEConfig.{name} must be a positive int, got {value!r}")
-  return int(value)
+  return validate.integer("CogVideoXVAEConfig", name, value)
 
 
 @dataclasses.dataclass(frozen=True)
