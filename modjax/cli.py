@@ -3,8 +3,8 @@
 Two sources of a model:
   --checkpoint FOLDER --prompt "..."   a diffusers pipeline folder, by its model_index.json:
                                        Wan2.1 (text encoder, VAE, UniPC) writes a video;
-                                       CogVideoX (T5, DDIM/DPM) writes latents (.npy: modjax
-                                       has no CogVideoX VAE); HunyuanVideo takes
+                                       CogVideoX (T5, DDIM/DPM, its VAE) writes a video, or
+                                       latents with --out x.npy; HunyuanVideo takes
                                        --prompt-embeds FILE.npz instead of --prompt (its text
                                        encoders are not ported) and writes latents (.npy);
   --model demo | tiny | PATH           the shipped pixel-space demo (label-conditioned),
@@ -28,7 +28,8 @@ from modjax import video as video_lib
 
 ATTENTION = ("dense", "mod", "static_window", "oracle")
 # model_index.json _class_name of a --checkpoint -> the model it holds; the latent ones
-# write .npy latents (no JAX VAE for them).
+# write .npy latents (HunyuanVideo always: no JAX VAE; CogVideoX when its folder has no
+# vae/ or --out ends in .npy).
 CHECKPOINTS = {"WanPipeline": "Wan2.1", "CogVideoXPipeline": "CogVideoX",
                "HunyuanVideoPipeline": "HunyuanVideo"}
 LATENT_CHECKPOINTS = ("CogVideoXPipeline", "HunyuanVideoPipeline")
@@ -268,22 +269,33 @@ def _check_checkpoint_args(args, kind: str) -> None:
   if args.label is not None:
     raise ValueError(f"--label applies to the demo model only; a {name} checkpoint takes "
                      f"{'--prompt-embeds' if kind == 'HunyuanVideoPipeline' else '--prompt'}")
-  if kind in LATENT_CHECKPOINTS and args.fps is not None:
-    raise ValueError(f"--fps: a {name} checkpoint writes latents (.npy), not a video")
+  if args.out.endswith(".npy") and args.fps is not None:
+    raise ValueError(f"--fps: --out {args.out!r} writes latents (.npy), not a video")
   if kind == "CogVideoXPipeline" and args.flow_shift is not None:
     raise ValueError("--flow-shift does not apply to CogVideoX (its DDIM / DPM scheduler has "
                      "no shift)")
+
+
+def _decodes_video(args) -> bool:
+  """A CogVideoX folder with vae/ decodes frames (HunyuanVideo: no JAX VAE)."""
+  return (args.pipeline == "CogVideoXPipeline"
+          and os.path.isdir(os.path.join(args.checkpoint, "vae")))
 
 
 def _check_args(args) -> None:
   """What argparse cannot see: combinations, checked before any model loads. Sets
   args.pipeline (the checkpoint's class, or None) and args.out when not given."""
   args.pipeline = None if args.checkpoint is None else checkpoint_class(args.checkpoint)
-  if args.pipeline in LATENT_CHECKPOINTS:
+  if args.pipeline in LATENT_CHECKPOINTS and not _decodes_video(args):
     name = CHECKPOINTS[args.pipeline]
+    why = (" (modjax has no HunyuanVideo VAE: it writes the latents)"
+           if args.pipeline == "HunyuanVideoPipeline" else
+           f" (the {name} folder has no vae/: it writes the latents)")
     args.out = "sample.npy" if args.out is None else args.out
-    video_lib.check_output_path(args.out, (".npy",),
-                                f" (modjax has no {name} VAE: it writes the latents)")
+    video_lib.check_output_path(args.out, (".npy",), why)
+  elif args.pipeline in LATENT_CHECKPOINTS:  # CogVideoX with its VAE: a video, or latents
+    args.out = "sample.gif" if args.out is None else args.out
+    video_lib.check_output_path(args.out, video_lib.VIDEO_SUFFIXES + (".npy",))
   else:
     args.out = "sample.gif" if args.out is None else args.out
     video_lib.check_output_path(args.out)
@@ -406,7 +418,8 @@ def sample_wan(args) -> int:
 
 
 def sample_latents(args) -> int:
-  """--checkpoint of a CogVideoX or HunyuanVideo folder: the pipeline's latents to .npy."""
+  """--checkpoint of a CogVideoX or HunyuanVideo folder: latents to .npy, or (CogVideoX with
+  its VAE) the video."""
   import numpy as np
 
   from modjax import callbacks
@@ -434,13 +447,21 @@ def sample_latents(args) -> int:
     out = pipe(**load_prompt_embeds(args.prompt_embeds), height=args.height or 720,
                width=args.width or 1280, num_frames=args.num_frames or 129,
                flow_shift=args.flow_shift, **common)
-  np.save(args.out, out.latents)
   t = out.timings
+  if not args.out.endswith(".npy"):  # CogVideoX with its VAE
+    path = video_lib.write_video(out.frames, args.out, fps=args.fps or 8)
+    print(f"video={'x'.join(map(str, out.frames.shape))} steps={steps} "
+          f"attention={args.attention} sparsity={out.sparsity:.1%}")
+    print(f"encode {t['text_encode']:.1f} s, compile {t['compile']:.1f} s, denoise "
+          f"{t['denoise']:.1f} s, VAE decode {t['vae_decode']:.1f} s on {_where(args)}")
+    print(f"wrote {path}")
+    return 0
+  np.save(args.out, out.latents)
   encode = f"encode {t['text_encode']:.1f} s, " if "text_encode" in t else ""
   print(f"latents={'x'.join(map(str, out.latents.shape))} steps={steps} "
         f"attention={args.attention} sparsity={out.sparsity:.1%}")
   print(f"{encode}compile {t['compile']:.1f} s, denoise {t['denoise']:.1f} s on {_where(args)}")
-  print(f"wrote latents to {args.out} ({out.note})")
+  print(f"wrote latents to {args.out}" + (f" ({out.note})" if out.note else ""))
   return 0
 
 

@@ -2,13 +2,14 @@
 
     pipe = CogVideoXPipeline.from_pretrained("CogVideoX-5b")
     out = pipe("a cat surfing a wave", attention=modjax.MODConfig())
-    out.latents   # float32 [1, 16, 13, 60, 90]; out.frames is None (no JAX CogVideoX VAE)
+    out.frames    # uint8 [49, 480, 720, 3] (decoded by our CogVideoX VAE)
+    out.latents   # float32 [1, 16, 13, 60, 90]
 
 The folder is the one diffusers' `CogVideoXPipeline.save_pretrained` writes (and
 the hub's THUDM/CogVideoX-2b, -5b and CogVideoX1.5-5B repositories hold):
 model_index.json, transformer/, text_encoder/ (T5 v1.1), tokenizer/ (with
-tokenizer.json), scheduler/; vae/ may be there but is not read beyond its
-config: modjax has no CogVideoX VAE, so the pipeline stops at the latents.
+tokenizer.json), scheduler/, and vae/ (AutoencoderKLCogVideoX, decoded by
+models.cogvideox.decode); without vae/ the pipeline stops at the latents.
 
 The call follows diffusers' CogVideoXPipeline: the same argument names, pixel
 units and defaults (height, width and num_frames from the transformer's sample
@@ -24,8 +25,10 @@ precomputed prompt_embeds are not supported; self-attention over the joint
 [text; video] sequence runs any modjax attention policy (MOD-DiT on the video blocks,
 every text row and column kept).
 
-To get videos, decode the latents with diffusers' CogVideoX VAE:
-`vae.decode(torch.from_numpy(out.latents) / vae.config.scaling_factor).sample`.
+The VAE decodes `latents / scaling_factor` two latent frames at a time (diffusers'
+frame batching, with the causal convolutions' cache carried between chunks) and the
+frames are post-processed as diffusers' VideoProcessor. The VAE's decode memory is
+not part of the memory estimate (its weights are).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from modjax import memory, schedulers
 from modjax import sampler as sampler_lib
 from modjax import sharding as sharding_lib
 from modjax.pipelines import arguments, denoise, estimates, folders
+from modjax.pipelines.postprocess import to_uint8_frames
 from modjax.pipelines.stages import Stages
 
 PIPELINE_CLASS = "CogVideoXPipeline"
@@ -54,9 +58,9 @@ REQUIRED = ("transformer", "text_encoder", "tokenizer", "scheduler")
 OPTIONAL = ("vae",)
 VAE_TEMPORAL, VAE_SPATIAL = sampling.VAE_TEMPORAL, sampling.VAE_SPATIAL
 MAX_SEQUENCE_LENGTH = sampling.MAX_SEQUENCE_LENGTH
-NO_VAE = ("no frames: modjax has no CogVideoX VAE; `latents` are the denoised latents "
-          "[B, C, F, H/8, W/8] (CogVideoX 1.5's padding frames dropped), to be decoded with "
-          "diffusers' AutoencoderKLCogVideoX as vae.decode(latents / vae.config.scaling_factor)")
+NO_VAE = ("no frames: the folder has no vae/; `latents` are the denoised latents "
+          "[B, C, F, H/8, W/8] (CogVideoX 1.5's padding frames dropped), to be decoded by a "
+          "CogVideoX VAE as decode(latents / scaling_factor)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,8 @@ class CogVideoXOutput:
   layout; diffusers' transformer and its output_type="latent" use [B, F, C, H, W]),
   CogVideoX 1.5's `padding_frames` leading frames dropped as diffusers drops them
   before decoding; not divided by the VAE's scaling factor.
-  frames: always None -- there is no JAX CogVideoX VAE (`note` says so).
+  frames: uint8 [F, H, W, 3] for one prompt ([B, F, H, W, 3] for a list), decoded by our
+    CogVideoX VAE; None when the folder has no vae/ (`note` says so).
   vae_scaling_factor: from vae/config.json, None without a vae/ folder.
   sampling: the denoising scan's `SampleOutput` (its latents keep the padding frames;
   per-step density and kinds, the attention policy's final state)."""
@@ -75,8 +80,8 @@ class CogVideoXOutput:
   sampling: sampler_lib.SampleOutput
   padding_frames: int = 0
   vae_scaling_factor: Optional[float] = None
-  frames: None = None
-  note: str = NO_VAE
+  frames: Optional[np.ndarray] = None
+  note: Optional[str] = NO_VAE
 
 
 def _vae_factors(folder: Path) -> Optional[float]:
@@ -99,7 +104,7 @@ class CogVideoXPipeline:
 
   def __init__(self, *, transformer_config, transformer_params, text_config, text_params,
                tokenizer, scheduler_config: dict, vae_scaling_factor: Optional[float] = None,
-               name: str = "cogvideox", mesh=None):
+               vae_config=None, vae_params=None, name: str = "cogvideox", mesh=None):
     self.config = transformer_config
     self.family = cogvideox.CogVideoXFamily(transformer_config, text_len=MAX_SEQUENCE_LENGTH)
     self.mesh = mesh
@@ -107,6 +112,9 @@ class CogVideoXPipeline:
     self.text_config, self.text_params, self.tokenizer = text_config, text_params, tokenizer
     self.scheduler_config = dict(scheduler_config)
     self.vae_scaling_factor = vae_scaling_factor
+    self.vae_config, self.vae_params = vae_config, vae_params
+    self._decode = (None if vae_config is None else
+                    jax.jit(lambda p, z: cogvideox.decode(vae_config, p, z)))
     self.name = name
     self._samplers = denoise.SamplerCache()
 
@@ -114,9 +122,9 @@ class CogVideoXPipeline:
   def from_pretrained(cls, folder, *, dtype: Optional[str] = None,
                       mesh=None) -> "CogVideoXPipeline":
     """Loads the transformer, the T5 encoder, the tokenizer and the scheduler config of a
-    diffusers CogVideoX folder (vae/, if present, only for its config).
+    diffusers CogVideoX folder, and its VAE when vae/ is there.
 
-    dtype: parameter and compute dtype of the transformer and the text encoder,
+    dtype: parameter and compute dtype of the transformer, the text encoder and the VAE,
     "bfloat16" or "float32"; default bfloat16 on accelerators, float32 on CPU.
     mesh: the denoiser's default mesh (see `modjax.sharding`); params are placed once.
     """
@@ -140,10 +148,15 @@ class CogVideoXPipeline:
                        f"{scheduler_config.get('_class_name')!r}")
     schedulers.from_diffusers_config(scheduler_config, 1)  # validate now, not at the first call
     folders.check_text_width(folder, transformer_config.text_dim, text_config.d_model)
+    scaling_factor = _vae_factors(folder)
+    vae_config = vae_params = None
+    if scaling_factor is not None:
+      vae_config, vae_params = cogvideox.load_diffusers_vae(folder / "vae", dtype=dtype,
+                                                            param_dtype=dtype)
     return cls(transformer_config=transformer_config, transformer_params=transformer_params,
                text_config=text_config, text_params=text_params, tokenizer=tokenizer,
-               scheduler_config=scheduler_config, vae_scaling_factor=_vae_factors(folder),
-               name=folder.name, mesh=mesh)
+               scheduler_config=scheduler_config, vae_scaling_factor=scaling_factor,
+               vae_config=vae_config, vae_params=vae_params, name=folder.name, mesh=mesh)
 
   # ------------------------------------------------------------------ sizes
 
@@ -190,6 +203,8 @@ class CogVideoXPipeline:
     }
     weights = {"transformer": memory.tree_bytes(self.transformer_params),
                "text_encoder": memory.tree_bytes(self.text_params)}
+    if self.vae_params is not None:
+      weights["vae"] = memory.tree_bytes(self.vae_params)
     return memory.MemoryEstimate(weights=weights, stages=stages)
 
   # -------------------------------------------------------------------- call
@@ -272,6 +287,18 @@ class CogVideoXPipeline:
         neg.astype(dtype), denoise.run_key(seed), None if noise is None else jnp.asarray(noise),
         stages=stages, callbacks=callbacks, mesh=mesh, describe=type(scheduler).__name__)
     z = np.asarray(jax.device_get(out.latents))[:, :, padding:]
-    stages.say(f"latents {tuple(z.shape)} (no CogVideoX VAE in modjax: no frames)")
+    if self._decode is None:
+      stages.say(f"latents {tuple(z.shape)} (the folder has no vae/: no frames)")
+      return CogVideoXOutput(latents=z, sparsity=sparsity, timings=stages.timings,
+                             sampling=out, padding_frames=padding)
+    with stages("vae_decode"):
+      scaled = jnp.asarray(z / self.vae_scaling_factor, self.vae_config.dtype)
+      video = np.asarray(jax.device_get(self._decode(self.vae_params, scaled)))
+    stages.say(f"VAE decode {stages.timings['vae_decode']:.1f} s (compile included) -> "
+               f"{video.shape[2]} frames of {video.shape[3]}x{video.shape[4]}")
+    frames = to_uint8_frames(video)
+    if isinstance(prompt, str):
+      frames = frames[0]
     return CogVideoXOutput(latents=z, sparsity=sparsity, timings=stages.timings, sampling=out,
-                           padding_frames=padding, vae_scaling_factor=self.vae_scaling_factor)
+                           padding_frames=padding, vae_scaling_factor=self.vae_scaling_factor,
+                           frames=frames, note=None)

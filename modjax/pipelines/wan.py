@@ -37,6 +37,7 @@ from modjax import memory, schedulers
 from modjax import sampler as sampler_lib
 from modjax import sharding as sharding_lib
 from modjax.pipelines import arguments, denoise, estimates, folders
+from modjax.pipelines.postprocess import to_uint8_frames
 from modjax.pipelines.stages import Stages
 
 PIPELINE_CLASS = "WanPipeline"
@@ -83,13 +84,6 @@ def _validate_call(prompt, negative_prompt, height, width, num_frames, num_infer
   arguments.guidance_scale(guidance_scale)
   arguments.seed(seed)
   return prompts, negatives
-
-
-def to_uint8_frames(video: np.ndarray) -> np.ndarray:
-  """[B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3], as diffusers' VideoProcessor
-  (x / 2 + 0.5, clamped, times 255, rounded)."""
-  x = np.clip(np.asarray(video, np.float32) / 2.0 + 0.5, 0.0, 1.0)
-  return np.round(np.transpose(x, (0, 2, 3, 4, 1)) * 255.0).astype(np.uint8)
 
 
 class WanPipeline:

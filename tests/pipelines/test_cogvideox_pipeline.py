@@ -88,7 +88,10 @@ def test_latents_match_diffusers_cogvideox_pipeline(root, pipes, variant, record
                  callback_on_step_end=advance).frames
   ref = ref.numpy().transpose(0, 2, 1, 3, 4)[:, :, padding:]
   out = ours_pipe(PROMPT, NEGATIVE, **SMALL, latents=noise, seed=seed)
-  assert out.frames is None and "no CogVideoX VAE" in out.note
+  if variant == "5b":  # its folder has a VAE: frames decoded (compared in the next test)
+    assert out.frames.shape == (9, 32, 48, 3) and out.frames.dtype == np.uint8 and out.note is None
+  else:
+    assert out.frames is None and "no vae/" in out.note
   assert out.padding_frames == padding and out.latents.shape == ref.shape
   assert out.vae_scaling_factor == (0.7 if variant == "5b" else None)
   err = float(np.abs(out.latents - ref).max())
@@ -112,7 +115,7 @@ def test_seeded_call_is_deterministic_and_compiles_once(pipe):
   np.testing.assert_array_equal(a.latents, b.latents)
   assert not np.array_equal(a.latents, c.latents)
   assert b.timings["compile"] == 0.0 and c.timings["compile"] == 0.0
-  assert set(a.timings) == {"text_encode", "compile", "denoise"}
+  assert set(a.timings) == {"text_encode", "compile", "denoise", "vae_decode"}
 
 
 def test_default_size_is_the_transformers_sample_size(pipe):
@@ -179,8 +182,30 @@ def test_folder_errors(tmp_path):
 
 
 def test_the_note_says_what_is_missing():
-  assert "no CogVideoX VAE" in cogvideox_pipeline.NO_VAE
+  assert "no vae/" in cogvideox_pipeline.NO_VAE
   assert "scaling_factor" in cogvideox_pipeline.NO_VAE
+
+
+def test_frames_match_diffusers_cogvideox_pipeline(root, pipes, record_property):
+  """The 5b folder's VAE: same initial noise, DDIM, diffusers' pipeline decoding with
+  its AutoencoderKLCogVideoX and VideoProcessor (output_type="np") against our frames."""
+  ours_pipe = _pipe(pipes, root, "5b")
+  theirs = tiny_cogvideox_diffusers(root, "5b")
+  shape = (2, CHANNELS, 3, 4, 6)
+  noise = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+  with torch.no_grad():
+    ref = theirs([PROMPT, NEGATIVE], **SMALL, output_type="np",
+                 latents=torch.from_numpy(noise.transpose(0, 2, 1, 3, 4).copy())).frames
+  ref = np.round(np.asarray(ref, np.float32) * 255.0)
+  out = ours_pipe([PROMPT, NEGATIVE], **SMALL, latents=noise)
+  assert out.frames.shape == ref.shape == (2, 9, 32, 48, 3)
+  diff = np.abs(out.frames.astype(np.float32) - ref)
+  record_property("max_abs_uint8", float(diff.max()))
+  print(f"\nCogVideoX frames: max |ours - diffusers| = {diff.max():.0f} uint8 levels, "
+        f"{(diff > 0).mean():.2%} of values differ")
+  assert diff.max() <= 1 and (diff > 0).mean() < 0.01   # rounding at the .5 boundary only
+  assert out.frames.std() > 5                            # not a flat video
+  assert "vae_decode" in out.timings
 
 
 def _cli_error(args, capsys):
@@ -191,30 +216,40 @@ def _cli_error(args, capsys):
   return err[0]
 
 
-def test_cli_prompt_to_npy_latents(root, tmp_path, capsys, monkeypatch):
-  """`python -m modjax sample --checkpoint` dispatches on model_index.json; CogVideoX
-  writes the latents (default sample.npy) and says why there is no video."""
+def test_cli_prompt_to_video_or_latents(root, tmp_path, capsys, monkeypatch):
+  """`python -m modjax sample --checkpoint` dispatches on model_index.json; a CogVideoX
+  folder with vae/ writes the video (default sample.gif), or the latents with --out .npy;
+  one without vae/ writes the latents (default sample.npy) and says why."""
   monkeypatch.chdir(tmp_path)
-  rc = main(["sample", "--checkpoint", str(tiny_cogvideox_folder(root, "5b")), "--prompt", PROMPT,
-             "--height", "32", "--width", "48", "--num-frames", "9", "--steps", "3",
-             "--no-progress"])
-  assert rc == 0
+  common = ["--prompt", PROMPT, "--height", "32", "--width", "48", "--num-frames", "9",
+            "--steps", "3", "--no-progress"]
+  with_vae = str(tiny_cogvideox_folder(root, "5b"))
+  assert main(["sample", "--checkpoint", with_vae] + common) == 0
   text = capsys.readouterr().out
-  for stage in ("text encoding", "compiled", "denoised", "wrote latents to sample.npy",
-                "no CogVideoX VAE"):
+  for stage in ("text encoding", "compiled", "denoised", "VAE decode", "wrote sample.gif"):
     assert stage in text, stage
+  import imageio.v2 as imageio
+  assert np.stack(imageio.mimread(tmp_path / "sample.gif")).shape[:3] == (9, 32, 48)
+  assert main(["sample", "--checkpoint", with_vae, "--out", "z.npy"] + common) == 0
+  assert "wrote latents to z.npy" in capsys.readouterr().out
+  assert np.load(tmp_path / "z.npy").shape == (1, CHANNELS, 3, 4, 6)
+  # 1.5: 3 latent frames, denoised with one of padding in front
+  assert main(["sample", "--checkpoint", str(tiny_cogvideox_folder(root, "1.5"))] + common) == 0
+  text = capsys.readouterr().out
+  assert "wrote latents to sample.npy" in text and "no vae/" in text
   latents = np.load(tmp_path / "sample.npy")
-  assert latents.shape == (1, CHANNELS, 3, 4, 6) and np.isfinite(latents).all()
+  assert latents.shape[:3] == (1, CHANNELS, 3) and np.isfinite(latents).all()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--out", "x.gif"], "--out must end in one of ('.npy',) (modjax has no CogVideoX VAE"),
-    (["--flow-shift", "3"], "--flow-shift does not apply to CogVideoX"),
-    (["--fps", "8"], "--fps: a CogVideoX checkpoint writes latents"),
-    (["--prompt-embeds", "x.npz"], "--prompt-embeds applies to HunyuanVideo checkpoints"),
+@pytest.mark.parametrize("variant, args, message", [
+    ("1.5", ["--out", "x.gif"], "--out must end in one of ('.npy',) (the CogVideoX folder has no vae/"),
+    ("5b", ["--out", "x.avi"], "--out must end in one of ('.mp4', '.gif', '.npy')"),
+    ("5b", ["--flow-shift", "3"], "--flow-shift does not apply to CogVideoX"),
+    ("5b", ["--fps", "8", "--out", "x.npy"], "--fps: --out 'x.npy' writes latents"),
+    ("5b", ["--prompt-embeds", "x.npz"], "--prompt-embeds applies to HunyuanVideo checkpoints"),
 ])
-def test_cli_bad_arguments_give_one_clear_error_line(root, args, message, capsys):
-  folder = str(tiny_cogvideox_folder(root, "5b"))
+def test_cli_bad_arguments_give_one_clear_error_line(root, variant, args, message, capsys):
+  folder = str(tiny_cogvideox_folder(root, variant))
   assert message in _cli_error(["--checkpoint", folder, "--prompt", PROMPT] + args, capsys)
 
 
