@@ -382,10 +382,30 @@ def param_shapes(config: CogVideoXVAEConfig) -> dict:
 
 # ------------------------------------------------------------------ decode
 
-def _decoder_chunk(config, params, cache, z, first: bool):
-  variables = {"params": params} if cache is None else {"params": params, "cache": cache}
-  y, state = Decoder(config).apply(variables, z, first, mutable=["cache"])
-  return y, state["cache"]
+def run_chunked(module: nn.Module, params, x, k: int) -> jax.Array:
+  """The causal module over x [B, F, H, W, C] in time chunks as diffusers batches frames:
+  the first `_chunks(F, k)[0]` frames (first=True), then chunks of k, the convolutions'
+  cache carried from chunk to chunk (a lax.scan); outputs concatenated in time."""
+  b, frames, h, w = x.shape[:4]
+  n0, later = _chunks(frames, k)
+
+  def chunk(cache, z, first: bool):
+    variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+    y, state = module.apply(variables, z, first, mutable=["cache"])
+    return y, state["cache"]
+
+  y, cache = chunk(None, x[:, :n0], True)
+  pieces = [y]
+  if later:
+    chunks = x[:, n0:].reshape(b, later, k, h, w, -1).swapaxes(0, 1)
+
+    def step(cache, z):
+      y, cache = chunk(cache, z, False)
+      return cache, y
+
+    _, ys = jax.lax.scan(step, cache, chunks)  # [later, B, t', H, W, C]
+    pieces.append(ys.swapaxes(0, 1).reshape(b, -1, *ys.shape[3:]))
+  return jnp.concatenate(pieces, axis=1)
 
 
 def decode(config: CogVideoXVAEConfig, params, latents) -> jax.Array:
@@ -403,19 +423,6 @@ def decode(config: CogVideoXVAEConfig, params, latents) -> jax.Array:
   if min(b, frames, h, w) < 1:
     raise ValueError(f"latents must have B, F, h, w >= 1, got shape {tuple(z.shape)}")
   x = jnp.transpose(z, (0, 2, 3, 4, 1)).astype(config.dtype)  # B, F, h, w, C
-  n0, later = _chunks(frames)
-  p = params["decoder"]
-  y, cache = _decoder_chunk(config, p, None, x[:, :n0], first=True)
-  pieces = [y]
-  if later:
-    k = LATENT_FRAMES_PER_CHUNK
-    chunks = x[:, n0:].reshape(b, later, k, h, w, -1).swapaxes(0, 1)
-
-    def step(cache, chunk):
-      y, cache = _decoder_chunk(config, p, cache, chunk, first=False)
-      return cache, y
-
-    _, ys = jax.lax.scan(step, cache, chunks)  # [later, B, t', H, W, C]
-    pieces.append(ys.swapaxes(0, 1).reshape(b, -1, *ys.shape[3:]))
-  video = jnp.concatenate(pieces, axis=1).astype(jnp.promote_types(config.dtype, f32))
+  video = run_chunked(Decoder(config), params["decoder"], x, LATENT_FRAMES_PER_CHUNK)
+  video = video.astype(jnp.promote_types(config.dtype, f32))
   return jnp.transpose(video, (0, 4, 1, 2, 3))

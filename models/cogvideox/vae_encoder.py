@@ -28,6 +28,7 @@ from models.cogvideox.vae import (
     GroupNorm,
     ResnetBlock3D,
     _chunks,
+    run_chunked,
     f32,
 )
 
@@ -132,12 +133,6 @@ def param_shapes(config: CogVideoXVAEConfig) -> dict:
   return jax.eval_shape(_init, config, jax.random.key(0))
 
 
-def _encoder_chunk(config, params, cache, x, first: bool):
-  variables = {"params": params} if cache is None else {"params": params, "cache": cache}
-  y, state = Encoder(config).apply(variables, x, first, mutable=["cache"])
-  return y, state["cache"]
-
-
 def encode(config: CogVideoXVAEConfig, params, video) -> tuple[jax.Array, jax.Array]:
   """Video [B, in_channels, F, H, W] in [-1, 1] -> (mean, logvar), float32
   [B, latent_channels, latent_frames(F), H/8, W/8], logvar clamped to [-30, 20]
@@ -151,21 +146,7 @@ def encode(config: CogVideoXVAEConfig, params, video) -> tuple[jax.Array, jax.Ar
   if min(b, frames, height, width) < 1:
     raise ValueError(f"video must have B, F, H, W >= 1, got shape {tuple(video.shape)}")
   x = jnp.transpose(video, (0, 2, 3, 4, 1)).astype(config.dtype)  # B, F, H, W, C
-  k = SAMPLE_FRAMES_PER_CHUNK
-  n0, later = _chunks(frames, k)
-  p = params["encoder"]
-  y, cache = _encoder_chunk(config, p, None, x[:, :n0], first=True)
-  pieces = [y]
-  if later:
-    chunks = x[:, n0:].reshape(b, later, k, height, width, -1).swapaxes(0, 1)
-
-    def step(cache, chunk):
-      y, cache = _encoder_chunk(config, p, cache, chunk, first=False)
-      return cache, y
-
-    _, ys = jax.lax.scan(step, cache, chunks)
-    pieces.append(ys.swapaxes(0, 1).reshape(b, -1, *ys.shape[3:]))
-  out_dtype = jnp.promote_types(config.dtype, f32)
-  h = jnp.transpose(jnp.concatenate(pieces, axis=1).astype(out_dtype), (0, 4, 1, 2, 3))
+  y = run_chunked(Encoder(config), params["encoder"], x, SAMPLE_FRAMES_PER_CHUNK)
+  h = jnp.transpose(y.astype(jnp.promote_types(config.dtype, f32)), (0, 4, 1, 2, 3))
   mean, logvar = jnp.split(h, 2, axis=1)
   return mean, jnp.clip(logvar, *_LOGVAR_RANGE)
