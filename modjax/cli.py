@@ -134,10 +134,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="frames (Wan: 4k+1, default 81; CogVideoX: the transformer's sample "
                          "frames; HunyuanVideo: 129; demo: 16)")
   size.add_argument("--fps", type=_positive_int, default=None,
-                    help="frames per second of the written file (default 16 Wan, 8 demo)")
+                    help="frames per second of the written file (default 16 Wan, 8 CogVideoX "
+                         "and demo)")
   size.add_argument("--out", default=None,
-                    help="output file: a video .mp4 or .gif (default: sample.gif); CogVideoX and "
-                         "HunyuanVideo write latents to .npy (default sample.npy)")
+                    help="output file: a video .mp4 or .gif (default: sample.gif), or .npy "
+                         "latents (CogVideoX); HunyuanVideo and a CogVideoX folder without vae/ "
+                         "write latents to .npy (default sample.npy)")
   smp = s.add_argument_group("sampling")
   smp.add_argument("--steps", "--num-inference-steps", dest="steps", type=_positive_int,
                    default=None, help="denoising steps (default 50 Wan, 25 demo); 50 CogVideoX "
