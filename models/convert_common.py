@@ -155,6 +155,17 @@ def diffusers_name(path: ParamPath, stacked: tuple[str, ...],
   return f"{module}.{leaf}" if module else leaf
 
 
+_INDEXED = re.compile(r"^(.+)_(\d+)$")
+
+
+def indexed_module_name(path: ParamPath) -> str:
+  """Our param path -> diffusers tensor name for modules that number every list
+  entry (the VAEs): `name_i` -> `name.i` for every module, kernel leaves -> weight."""
+  *modules, leaf = path
+  modules = [_INDEXED.sub(r"\1.\2", m) for m in modules]
+  return ".".join([*modules, {"kernel": "weight"}.get(leaf, leaf)])
+
+
 def conv3d_shape(shape: tuple[int, ...], patch, in_channels: int) -> tuple[int, ...]:
   """Diffusers' Conv3d patch weight shape [dim, C, pt, ph, pw] of our Dense patch
   kernel [pt*ph*pw*C, dim]."""

@@ -16,23 +16,19 @@ tensor is cast to param_dtype.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from models import weights
 from models.cogvideox import vae_encoder
+from models.convert_common import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, indexed_module_name
 from models.cogvideox.vae import CogVideoXVAEConfig, param_shapes
 from models.weights import check_names, check_shape, open_tensors, parse_config, read_json, \
     weight_files
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-_INDEX = re.compile(r"^(.+)_(\d+)$")
 
 # diffusers 0.42.1 AutoencoderKLCogVideoX.__init__ arguments and their defaults
 # (every key its save_pretrained writes, besides the "_" bookkeeping ones).
@@ -104,13 +100,6 @@ def config_from_diffusers(raw: Mapping[str, Any], **overrides) -> CogVideoXVAECo
   )
 
 
-def _diffusers_name(path: _ParamPath) -> str:
-  """Our param path -> diffusers tensor name."""
-  *modules, leaf = path
-  modules = [_INDEX.sub(r"\1.\2", m) for m in modules]
-  return ".".join([*modules, {"kernel": "weight"}.get(leaf, leaf)])
-
-
 def _diffusers_shape(path: _ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
   if path[-1] == "kernel":  # [..spatial.., in, out] -> [out, in, ..spatial..]
     return (shape[-1], shape[-2], *shape[:-2])
@@ -123,29 +112,19 @@ def _from_diffusers(path: _ParamPath, array: np.ndarray) -> np.ndarray:
   return array
 
 
-def _vae_dir(path: Path) -> Path:
-  if not path.exists():
-    raise FileNotFoundError(f"no diffusers VAE at {str(path)!r}: path does not exist")
-  if not (path / CONFIG_NAME).exists() and (path / "vae" / CONFIG_NAME).exists():
-    return path / "vae"  # a pipeline folder
-  if not (path / CONFIG_NAME).exists():
-    raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r} (nor in its vae/ folder)")
-  return path
-
-
 def load_diffusers_vae(folder, *, encoder: bool = False,
                        **overrides) -> tuple[CogVideoXVAEConfig, Any]:
   """Reads a diffusers `AutoencoderKLCogVideoX` folder (or a pipeline folder with a
   vae/ subfolder). overrides set our own config fields (dtype, param_dtype).
   Returns (config, params), params {"decoder": ...} (plus "encoder" when
   encoder=True) in config.param_dtype."""
-  folder = _vae_dir(Path(folder))
+  folder = weights.model_dir(folder, "vae", "diffusers VAE")
   config = config_from_diffusers(read_json(folder / CONFIG_NAME), **overrides)
   tree = dict(param_shapes(config))
   if encoder:
     tree.update(vae_encoder.param_shapes(config))
   shapes = traverse_util.flatten_dict(tree)
-  names = {_diffusers_name(p): p for p in shapes}
+  names = {indexed_module_name(p): p for p in shapes}
   files = weight_files(folder, WEIGHTS_NAME, INDEX_NAME)
   if not encoder:
     files = {n: f for n, f in files.items() if not n.startswith("encoder.")}

@@ -17,7 +17,6 @@ to the config's param_dtype as it is read.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -26,20 +25,12 @@ import numpy as np
 from flax import traverse_util
 
 from models import weights
-from models.convert_common import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from models.convert_common import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, indexed_module_name
 from models.wan.vae import WanVAEConfig, param_shapes
 
 _DIFFUSERS_BOOKKEEPING = {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.42.1"}
-_INDEX = re.compile(r"^(.+)_(\d+)$")
 
 _ParamPath = tuple[str, ...]
-
-
-def _diffusers_name(path: _ParamPath) -> str:
-  """Our param path -> diffusers tensor name."""
-  *modules, leaf = path
-  modules = [_INDEX.sub(r"\1.\2", m) for m in modules]
-  return ".".join([*modules, {"kernel": "weight"}.get(leaf, leaf)])
 
 
 def _diffusers_shape(path: _ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -77,7 +68,7 @@ def load_diffusers_vae(folder, **overrides) -> tuple[WanVAEConfig, Any]:
   folder = weights.model_dir(folder, "vae", "diffusers VAE")
   config = WanVAEConfig.from_diffusers_config(weights.read_json(folder / CONFIG_NAME), **overrides)
   shapes = traverse_util.flatten_dict(param_shapes(config))
-  names = {_diffusers_name(p): p for p in shapes}
+  names = {indexed_module_name(p): p for p in shapes}
   expected = {name: _diffusers_shape(p, shapes[p].shape) for name, p in names.items()}
   files = weights.weight_files(folder, WEIGHTS_NAME, INDEX_NAME)
   flat = {}
@@ -94,6 +85,6 @@ def save_diffusers_vae(config: WanVAEConfig, params, folder, *,
   an index json) past max_shard_size bytes. Weights keep their dtype."""
   flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
   weights.check_params(traverse_util.flatten_dict(param_shapes(config)), flat, "params")
-  tensors = {_diffusers_name(p): _to_diffusers(p, leaf) for p, leaf in flat.items()}
+  tensors = {indexed_module_name(p): _to_diffusers(p, leaf) for p, leaf in flat.items()}
   weights.save_model_folder(folder, {**_DIFFUSERS_BOOKKEEPING, **config.to_diffusers_config()},
                             tensors, WEIGHTS_NAME, INDEX_NAME, max_shard_size=max_shard_size)

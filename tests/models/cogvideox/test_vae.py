@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from models import convert_common
 from models.cogvideox import vae, vae_convert, vae_encoder
 
 torch = pytest.importorskip("torch")
@@ -292,7 +293,7 @@ def test_full_size_mapping_matches_diffusers_state_dict():
   config = vae_convert.config_from_diffusers(dict(model.config))
   shapes = traverse_util.flatten_dict({**vae.param_shapes(config),
                                        **vae_encoder.param_shapes(config)})
-  ours = {vae_convert._diffusers_name(p): vae_convert._diffusers_shape(p, s.shape)
+  ours = {convert_common.indexed_module_name(p): vae_convert._diffusers_shape(p, s.shape)
           for p, s in shapes.items()}
   assert ours == theirs
 

@@ -16,6 +16,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from models import convert_common
 from models import wan
 from models.wan import WanVAEConfig, vae, vae_convert
 from tests.models.helpers import random_like
@@ -232,7 +233,7 @@ def test_full_size_mapping_matches_diffusers_state_dict():
     model = AutoencoderKLWan(**config.to_diffusers_config())
   theirs = {name: tuple(t.shape) for name, t in model.state_dict().items()}
   shapes = traverse_util.flatten_dict(vae.param_shapes(config))
-  ours = {vae_convert._diffusers_name(p): vae_convert._diffusers_shape(p, s.shape)
+  ours = {convert_common.indexed_module_name(p): vae_convert._diffusers_shape(p, s.shape)
           for p, s in shapes.items()}
   assert len(ours) == len(shapes)  # the rename is one-to-one
   assert ours == theirs
