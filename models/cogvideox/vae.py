@@ -382,6 +382,17 @@ def param_shapes(config: CogVideoXVAEConfig) -> dict:
 
 # ------------------------------------------------------------------ decode
 
+def channels_last(array, name: str, channels: int, axes: str, dtype) -> jax.Array:
+  """[B, channels, F, H, W] (checked; ValueError names `name` and the shape) ->
+  [B, F, H, W, channels] in dtype."""
+  x = jnp.asarray(array)
+  if x.ndim != 5 or x.shape[1] != channels:
+    raise ValueError(f"{name} must be [B, {channels}, {axes}], got shape {tuple(x.shape)}")
+  if min(x.shape) < 1:
+    raise ValueError(f"{name} must have B, {axes} >= 1, got shape {tuple(x.shape)}")
+  return jnp.transpose(x, (0, 2, 3, 4, 1)).astype(dtype)
+
+
 def run_chunked(module: nn.Module, params, x, k: int) -> jax.Array:
   """The causal module over x [B, F, H, W, C] in time chunks as diffusers batches frames:
   the first `_chunks(F, k)[0]` frames (first=True), then chunks of k, the convolutions'
@@ -415,14 +426,7 @@ def decode(config: CogVideoXVAEConfig, params, latents) -> jax.Array:
   dtype float64), nominally in [-1, 1] but not clamped (diffusers'
   `vae.decode(z).sample` is not; its video processor clamps). Chunked in time as diffusers' `_decode` (module docstring).
   jit-able (config static); reads params["decoder"]."""
-  z = jnp.asarray(latents)
-  if z.ndim != 5 or z.shape[1] != config.latent_channels:
-    raise ValueError(f"latents must be [B, {config.latent_channels}, F, h, w], "
-                     f"got shape {tuple(z.shape)}")
-  b, _, frames, h, w = z.shape
-  if min(b, frames, h, w) < 1:
-    raise ValueError(f"latents must have B, F, h, w >= 1, got shape {tuple(z.shape)}")
-  x = jnp.transpose(z, (0, 2, 3, 4, 1)).astype(config.dtype)  # B, F, h, w, C
+  x = channels_last(latents, "latents", config.latent_channels, "F, h, w", config.dtype)
   video = run_chunked(Decoder(config), params["decoder"], x, LATENT_FRAMES_PER_CHUNK)
   video = video.astype(jnp.promote_types(config.dtype, f32))
   return jnp.transpose(video, (0, 4, 1, 2, 3))

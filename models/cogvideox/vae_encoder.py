@@ -28,6 +28,7 @@ from models.cogvideox.vae import (
     GroupNorm,
     ResnetBlock3D,
     _chunks,
+    channels_last,
     run_chunked,
     f32,
 )
@@ -138,14 +139,7 @@ def encode(config: CogVideoXVAEConfig, params, video) -> tuple[jax.Array, jax.Ar
   [B, latent_channels, latent_frames(F), H/8, W/8], logvar clamped to [-30, 20]
   as diffusers' DiagonalGaussianDistribution. Not multiplied by scaling_factor.
   jit-able (config static); reads params["encoder"]."""
-  video = jnp.asarray(video)
-  if video.ndim != 5 or video.shape[1] != config.in_channels:
-    raise ValueError(f"video must be [B, {config.in_channels}, F, H, W], "
-                     f"got shape {tuple(video.shape)}")
-  b, _, frames, height, width = video.shape
-  if min(b, frames, height, width) < 1:
-    raise ValueError(f"video must have B, F, H, W >= 1, got shape {tuple(video.shape)}")
-  x = jnp.transpose(video, (0, 2, 3, 4, 1)).astype(config.dtype)  # B, F, H, W, C
+  x = channels_last(video, "video", config.in_channels, "F, H, W", config.dtype)
   y = run_chunked(Encoder(config), params["encoder"], x, SAMPLE_FRAMES_PER_CHUNK)
   h = jnp.transpose(y.astype(jnp.promote_types(config.dtype, f32)), (0, 4, 1, 2, 3))
   mean, logvar = jnp.split(h, 2, axis=1)
