@@ -288,14 +288,17 @@ def default_mod_config(steps: int, block_size: int):
 class DemoSampler:
   """Samples (label, seed) videos of a demo export with dense or MOD attention."""
 
-  def __init__(self, model, *, frames: int, steps: int):
+  def __init__(self, model, *, frames: int, steps: int, guidance_scale: Optional[float] = None,
+               shift: Optional[float] = None):
     import modjax
     self.model, self.frames, self.steps = model, frames, steps
     d = model.defaults
+    self.guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
+    self.shift = d.shift if shift is None else shift
     self.settings = {
         mode: modjax.SamplerSettings(
             frames=frames, height=d.height, width=d.width, num_inference_steps=steps,
-            guidance_scale=d.guidance_scale, shift=d.shift,
+            guidance_scale=self.guidance_scale, shift=self.shift,
             attention=modjax.DenseConfig() if mode == "dense" else
             default_mod_config(steps, d.block_size))
         for mode in ("dense", "mod")}
@@ -400,6 +403,47 @@ def pick_default(sampler: DemoSampler, spec: ShapeSpec, result: dict, *, max_see
   return None
 
 
+def grid_sweep(model, spec: ShapeSpec, labels, seeds, settings, *, frames: int, steps: int,
+               batch: int, log=print) -> list:
+  """Dense share for each (guidance_scale, shift) in `settings`, the same labels,
+  seeds and noise for every setting (a paired comparison of the sampling knobs)."""
+  rows = []
+  for guidance_scale, shift in settings:
+    sampler = DemoSampler(model, frames=frames, steps=steps, guidance_scale=guidance_scale,
+                          shift=shift)
+    r = sweep(sampler, spec, labels, seeds, ["dense"], batch=batch,
+              log=lambda m: log(f"guidance {guidance_scale:g} shift {shift:g}: {m}"))["dense"]
+    rows.append(dict(guidance_scale=guidance_scale, shift=shift, share=r["share"],
+                     shows=r["shows"], samples=r["samples"], seconds=r["seconds"],
+                     per_label={k: v["shows"] for k, v in r["per_label"].items()}))
+  return rows
+
+
+def best_setting(rows: list, current: tuple) -> tuple:
+  """(guidance_scale, shift) of the grid row with the highest share; a tie keeps
+  `current` when it is among the best, else the first best row."""
+  top = max(r["share"] for r in rows)
+  best = [(r["guidance_scale"], r["shift"]) for r in rows if r["share"] == top]
+  return tuple(current) if tuple(current) in best else best[0]
+
+
+def _settings_list(text: str) -> list:
+  """'4:2,3:2' -> [(4.0, 2.0), (3.0, 2.0)] (guidance_scale:shift pairs)."""
+  out = []
+  for item in text.split(","):
+    try:
+      g, sh = (float(x) for x in item.split(":"))
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"--grid takes guidance_scale:shift pairs separated by commas (e.g. 4:2,3:2), "
+          f"got {item!r}") from None
+    if g < 1.0 or sh <= 0.0:
+      raise argparse.ArgumentTypeError(
+          f"--grid: guidance_scale must be >= 1 and shift > 0, got {item!r}")
+    out.append((g, sh))
+  return out
+
+
 def data_sweep(spec: ShapeSpec, labels, seeds, seam_rows: Sequence[int] = ()) -> dict:
   """The generator's own videos judged (calibration)."""
   verdicts, videos = [], []
@@ -428,6 +472,14 @@ def _parser():
   p.add_argument("--data", action="store_true", help="judge the generator's videos (calibration)")
   p.add_argument("--data-version", type=int, default=None,
                  help="the rules to judge by (default: the export's data_version metadata, 1 if none)")
+  p.add_argument("--guidance-scale", type=float, default=None,
+                 help="classifier-free guidance scale (the export's default)")
+  p.add_argument("--shift", type=float, default=None,
+                 help="flow-matching sigma shift (the export's default)")
+  p.add_argument("--grid", type=_settings_list, default=None,
+                 help="guidance_scale:shift pairs (e.g. 3:2,4:2,4:4): a dense sweep per pair "
+                      "first; the best pair then runs the main sweep (and --pick-default "
+                      "writes it as the export's sampling default)")
   p.add_argument("--pick-default", action="store_true",
                  help="write default_label/default_seed into the export's label-table metadata")
   p.add_argument("--pick-seeds", type=int, default=8,
@@ -469,8 +521,17 @@ def main(argv=None) -> int:
     steps = args.steps or (8 if args.quick else d.num_inference_steps)
     version = args.data_version or int(meta.get("data_version", 1))
     spec = ShapeSpec.for_version(version, frames, d.height, d.width)
-    sampler = DemoSampler(model, frames=frames, steps=steps)
     batch = args.batch or (2 if args.quick else 112)
+    current = (args.guidance_scale if args.guidance_scale is not None else d.guidance_scale,
+               args.shift if args.shift is not None else d.shift)
+    if args.grid:
+      result["grid"] = grid_sweep(model, spec, labels, seeds, args.grid, frames=frames,
+                                  steps=steps, batch=batch, log=lambda s: print(s, flush=True))
+      current = best_setting(result["grid"], current)
+      print(f"best of the grid: guidance {current[0]:g}, shift {current[1]:g}", flush=True)
+    sampler = DemoSampler(model, frames=frames, steps=steps, guidance_scale=current[0],
+                          shift=current[1])
+    result.update(guidance_scale=current[0], shift=current[1])
     print(f"{model.name}: {len(labels)} labels x {len(seeds)} seeds, {frames}x{d.height}x{d.width}, "
           f"{steps} steps, data version {version} rules, on {jax.devices()[0].device_kind}", flush=True)
     rows = block_boundary_rows(d.height, d.width, model.family.config.patch_size, d.block_size)
@@ -491,6 +552,9 @@ def main(argv=None) -> int:
                             log=lambda s: print(s, flush=True))
       result["default"] = picked
       if picked is not None:
+        if (current[0], current[1]) != (d.guidance_scale, d.shift):
+          # the sweep ran (and the default was picked) with these: the export's new defaults
+          picked.update(guidance_scale=current[0], shift=current[1])
         demo_checkpoint.update_metadata(path, picked)
         print(f"wrote default label {picked['default_label']} ({picked['default_label_name']}), "
               f"seed {picked['default_seed']} into {os.path.dirname(path)}/{demo_checkpoint.LABELS_FILE}")

@@ -10,7 +10,10 @@ past --total-steps (render samples of
 the export with `python -m modjax sample --model DIR/demo.safetensors`). Re-running with the same --out resumes from DIR (params, EMA, optimizer
 state, step, rng, loss curve); the saved training config wins over the flags,
 except --total-steps (to extend a run) and the time budget. So a long run is a
-chain of short jobs.
+chain of short jobs. --init-from EXPORT starts a new run from an export's weights
+instead (a warm restart: the optimizer state does not travel in an export); the
+export it writes records the chain (init_chain, total_train_step,
+total_train_seconds).
 
 Objective: rectified flow / flow matching with the convention of Wan and
 diffusers' FlowMatchEulerDiscreteScheduler:
@@ -206,6 +209,36 @@ def init_state(tc: TrainConfig) -> TrainState:
                      ema=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
                      rng=jax.random.key_data(k_train))
   return _on_device(state)
+
+
+def init_state_from_export(tc: TrainConfig, export) -> tuple[TrainState, dict]:
+  """A new run that starts from a demo export's (bf16 EMA) weights: params and EMA
+  both set to them in float32, a fresh optimizer state, step 0 (the learning-rate
+  warm-up runs again). The optimizer state of the run that made the export is not
+  in it, so this is a warm restart, not a resume. Returns (state, the export's
+  metadata). The export must match tc's model and video size."""
+  config, params, meta = checkpoint.load_demo_params(export)
+  want = tc.dit_config()
+  mismatched = {f.name: (getattr(config, f.name), getattr(want, f.name))
+                for f in dataclasses.fields(WanConfig)
+                if f.name not in ("dtype", "param_dtype")
+                and getattr(config, f.name) != getattr(want, f.name)}
+  if mismatched:
+    raise ValueError(f"--init-from {str(export)!r} is not a {tc.model!r} model: "
+                     f"(export, wanted) {mismatched}")
+  sizes = {k: (meta.get(k), getattr(tc, k)) for k in ("frames", "height", "width")
+           if meta.get(k) != getattr(tc, k)}
+  if sizes:
+    raise ValueError(f"--init-from {str(export)!r} was trained at other video sizes: "
+                     f"(export, this run) {sizes}")
+  fresh = jax.eval_shape(lambda: init_state(tc))
+  params = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), params, fresh.params)
+  key = jax.random.fold_in(jax.random.key(tc.seed), int(meta.get("train_step", 0)))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     ema=jax.tree.map(jnp.copy, params),
+                     opt_state=make_optimizer(tc).init(params),
+                     rng=jax.random.key_data(key))
+  return _on_device(state), meta
 
 
 def _on_device(tree):
@@ -422,6 +455,9 @@ def _parse(argv):
                       "orbax: an orbax folder")
   p.add_argument("--export", default=None,
                  help="path of the exported .safetensors (default DIR/demo.safetensors)")
+  p.add_argument("--init-from", default=None,
+                 help="new runs only: start from this demo export's weights (a warm restart "
+                      "with a fresh optimizer; the chain is kept in the history)")
   p.add_argument("--fit-schedule", action="store_true",
                  help="re-plan the cosine schedule from the measured throughput so it ends "
                       "with the --minutes budget (at most --total-steps)")
@@ -443,11 +479,25 @@ def main(argv=None) -> int:
   flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
            if getattr(args, f.name) is not None}
   restored = load_checkpoint(out)
-  if restored is None:
+  if restored is None and args.init_from:
+    tc = TrainConfig(**flags)
+    state, init_meta = init_state_from_export(tc, args.init_from)
+    history = _new_history()
+    # What the weights had already been through, so the export can say its total.
+    history["init_from"] = {"path": str(args.init_from),
+                            **{k: init_meta[k] for k in ("train_step", "train_seconds",
+                                                         "eval_loss", "init_chain")
+                               if k in init_meta}}
+    print(f"new run in {out}, from the weights of {args.init_from} "
+          f"(trained {init_meta.get('train_step')} steps, {init_meta.get('train_seconds')} s)",
+          flush=True)
+  elif restored is None:
     tc = TrainConfig(**flags)
     state, history = init_state(tc), _new_history()
     print(f"new run in {out}", flush=True)
   else:
+    if args.init_from:
+      print(f"resuming {out}: --init-from is for new runs, ignored", flush=True)
     state, tc, history = restored
     if "total_steps" in flags and flags["total_steps"] != tc.total_steps:
       print(f"resuming: total_steps {tc.total_steps} -> {flags['total_steps']} "
@@ -545,12 +595,20 @@ def main(argv=None) -> int:
           f"(after compile, eval and checkpoints included)", flush=True)
 
   export = Path(args.export) if args.export else out / "demo.safetensors"
+  run_seconds = round(time.time() - _T0, 1)
+  extra = {"train_step": step, "eval_loss": history["eval_loss"][-1], "model": tc.model,
+           "train_seconds": run_seconds}
+  if "init_from" in history:
+    # The weights' whole history: every run of the chain (steps and wall seconds).
+    before = history["init_from"]
+    chain = before.get("init_chain") or [{"train_step": before.get("train_step"),
+                                          "train_seconds": before.get("train_seconds")}]
+    chain = chain + [{"train_step": step, "train_seconds": run_seconds}]
+    extra.update(init_chain=chain,
+                 total_train_step=sum(int(c["train_step"] or 0) for c in chain),
+                 total_train_seconds=round(sum(float(c["train_seconds"] or 0) for c in chain), 1))
   checkpoint.export_demo(export, config, state.ema, frames=tc.frames, height=tc.height,
-                         width=tc.width,
-                         extra_metadata={"train_step": step,
-                                         "eval_loss": history["eval_loss"][-1],
-                                         "model": tc.model,
-                                         "train_seconds": round(time.time() - _T0, 1)})
+                         width=tc.width, extra_metadata=extra)
   print(f"exported EMA params (bf16) to {export} (+ .json, {checkpoint.LABELS_FILE}): "
         f"{os.path.getsize(export) / 1e6:.2f} MB", flush=True)
   files = sorted(p.name for p in out.iterdir() if p.is_file())

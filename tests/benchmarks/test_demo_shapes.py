@@ -117,3 +117,31 @@ def test_update_metadata(tiny_export):
   assert loaded["frames"] == 4 and loaded["data_version"] == data.DATA_VERSION
   with pytest.raises(FileNotFoundError):
     C.update_metadata(tiny_export.parent / "nowhere" / "demo.safetensors", {})
+
+
+def test_best_setting_keeps_the_current_on_a_tie():
+  rows = [dict(guidance_scale=3.0, shift=2.0, share=0.5), dict(guidance_scale=4.0, shift=2.0, share=0.5),
+          dict(guidance_scale=6.0, shift=4.0, share=0.25)]
+  assert D.best_setting(rows, (4.0, 2.0)) == (4.0, 2.0)
+  assert D.best_setting(rows, (6.0, 4.0)) == (3.0, 2.0)
+  rows[2]["share"] = 0.75
+  assert D.best_setting(rows, (4.0, 2.0)) == (6.0, 4.0)
+
+
+def test_grid_argument_is_checked():
+  assert D._settings_list("4:2,3.5:1.5") == [(4.0, 2.0), (3.5, 1.5)]
+  for bad in ("4", "4:x", "0.5:2", "4:0"):
+    with pytest.raises(SystemExit):
+      D._parser().parse_args(["--grid", bad])
+
+
+def test_grid_sweep_runs_each_setting_and_uses_the_best(tiny_export, tmp_path, capsys):
+  out = tmp_path / "grid.json"
+  assert D.main(["--model", str(tiny_export), "--quick", "--modes", "dense", "--grid", "4:2,2:3",
+                 "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert [(r["guidance_scale"], r["shift"]) for r in result["grid"]] == [(4.0, 2.0), (2.0, 3.0)]
+  assert all(r["samples"] == 2 for r in result["grid"])
+  # the main sweep ran with the grid's pick
+  assert (result["guidance_scale"], result["shift"]) == D.best_setting(result["grid"], (4.0, 2.0))
+  assert "best of the grid" in capsys.readouterr().out

@@ -183,3 +183,51 @@ def test_cli_runs_resumes_and_exports(tmp_path):
   assert meta["step"] == 20 and meta["train_config"]["lr"] == T.TrainConfig().lr
   history = json.loads((tmp_path / "loss.json").read_text())
   assert history["step"][-1] == 20 and history["step"][0] <= 12
+
+
+def test_init_from_export_starts_from_its_weights(trained, tmp_path):
+  _, state, _ = trained
+  path = tmp_path / "demo.safetensors"
+  C.export_demo(path, TC.dit_config(), state.ema, frames=TC.frames, height=TC.height,
+                width=TC.width, extra_metadata={"train_step": 30, "train_seconds": 2.5})
+  warm, meta = T.init_state_from_export(TC, path)
+  assert int(warm.step) == 0 and meta["train_step"] == 30
+  expected = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), state.ema)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, warm.params), expected)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, warm.ema), expected)
+  # A fresh optimizer: Adam's moments are zero, not the trained run's.
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(warm.opt_state)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  # ... and it trains from there: the loss on the fixed batch starts where the export is.
+  assert _fixed_loss(warm.params, _fixed_batch_of()) == pytest.approx(
+      _fixed_loss(expected, _fixed_batch_of()), rel=1e-6)
+
+
+def _fixed_batch_of():
+  return demo_data.sample_batch(jax.random.key(5), TC.batch_size, TC.frames, TC.height, TC.width)
+
+
+def test_init_from_export_refuses_another_model_or_size(trained, tmp_path):
+  _, state, _ = trained
+  path = tmp_path / "demo.safetensors"
+  C.export_demo(path, TC.dit_config(), state.ema, frames=TC.frames, height=TC.height,
+                width=TC.width)
+  with pytest.raises(ValueError, match="--init-from .* other video sizes"):
+    T.init_state_from_export(dataclasses.replace(TC, frames=4), path)
+  with pytest.raises(ValueError, match="--init-from .* is not a 'demo' model"):
+    T.init_state_from_export(dataclasses.replace(TC, model="demo"), path)
+
+
+@pytest.mark.slow
+def test_cli_init_from_records_the_chain(tmp_path):
+  args = ["--model", "tiny", "--batch-size", "2", "--frames", "2", "--height", "8", "--width", "8",
+          "--dtype", "float32", "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "10"]
+  first, second = tmp_path / "a", tmp_path / "b"
+  assert T.main(["--out", str(first), "--total-steps", "6"] + args) == 0
+  assert T.main(["--out", str(second), "--total-steps", "4", "--init-from",
+                 str(first / "demo.safetensors")] + args) == 0
+  _, _, meta = C.load_demo_params(second / "demo.safetensors")
+  assert meta["train_step"] == 4 and meta["total_train_step"] == 10
+  assert [c["train_step"] for c in meta["init_chain"]] == [6, 4]
+  assert meta["total_train_seconds"] == pytest.approx(
+      sum(c["train_seconds"] for c in meta["init_chain"]), abs=0.2)
