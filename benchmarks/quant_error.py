@@ -38,6 +38,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The reference forms round with dtype round trips (f32 -> e4m3 -> f32); XLA on GPU
+# drops such round trips under its default "excess precision" rule, which would make
+# the references unquantized there (the P split measured exactly 0 on an H200).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_allow_excess_precision=false").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

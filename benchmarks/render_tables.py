@@ -121,8 +121,10 @@ def overhead_table(runs):
 
 
 def quality_table(runs):
+  """The newest quality run only (file names sort by date, then -a, -b, ...): it is
+  the shipped demo's; earlier ones were of earlier demo models."""
   lines = []
-  for name, run in runs:
+  for name, run in runs[-1:]:
     lines += [f"`{name}` ({run['card']}, jax {run['jax']})", "",
               "| method | sparsity (sparse steps) | sparsity after warm-up | PSNR dB | SSIM | "
               "mask recall | seeds |", "|---|---|---|---|---|---|---|"]
