@@ -176,19 +176,27 @@ def dequantize(qq: QuantizedQKV):
   k is the smoothed key (k - mean): same softmax, lse shifted (module docstring).
   """
   s = qq.q.shape[1]
-  q = qq.q.astype(jnp.float32) * _per_token(qq.q_scale, Q_ROWS, s)
-  k = qq.k.astype(jnp.float32) * _per_token(qq.k_scale, K_ROWS, s)
+  q = _exact(qq.q).astype(jnp.float32) * _per_token(qq.q_scale, Q_ROWS, s)
+  k = _exact(qq.k).astype(jnp.float32) * _per_token(qq.k_scale, K_ROWS, s)
   v = None
   if qq.v is not None:
-    v = qq.v.astype(jnp.float32)
+    v = _exact(qq.v).astype(jnp.float32)
     if qq.v_scale is not None:
       v = v * qq.v_scale[:, None, :, None]
   return q, k, v
 
 
+def _exact(x):
+  """x unchanged, but kept as computed: XLA on GPU drops a float round trip such as
+  f32 -> e4m3 -> f32 under its default excess-precision rule once both converts
+  land in one program, which would silently unquantize the reference forms (an
+  H200 measured P's rounding error as exactly 0). The barrier keeps the pair."""
+  return jax.lax.optimization_barrier(x)
+
+
 def round_p(p):
   """P as the P V product sees it: e4m3(P_SCALE * p) / P_SCALE."""
-  return (p * P_SCALE).astype(FP8).astype(jnp.float32) / P_SCALE
+  return _exact((p * P_SCALE).astype(FP8)).astype(jnp.float32) / P_SCALE
 
 
 @functools.partial(jax.jit, static_argnames=(

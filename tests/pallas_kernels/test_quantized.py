@@ -467,3 +467,21 @@ def test_exp2_poly_kernel_matches_reference(groups):
                                          config=cfg)
   ref = pk.block_sparse_attention_reference(q, k, v, mask)
   assert _rel_err(out, ref) < 1.5e-2
+
+
+def test_round_trips_survive_one_program():
+  """The reference forms round through float8 (f32 -> e4m3 -> f32) inside one jitted
+  program; XLA may drop such a pair under its excess-precision rule (it did on an
+  H200: P's rounding error measured exactly 0), so the pair is fenced by an
+  optimization barrier. Checked here by value under jit and in the lowered program."""
+  p = jax.random.uniform(jax.random.key(3), (512,), jnp.float32)
+  rounded = jax.jit(qz.round_p)(p)
+  expected = np.asarray((np.asarray(p) * qz.P_SCALE).astype(jnp.float8_e4m3fn), np.float32) / qz.P_SCALE
+  np.testing.assert_allclose(np.asarray(rounded), expected, rtol=1e-6)  # XLA divides as x * (1/448)
+  assert float(jnp.abs(rounded - p).max()) > 1e-3
+  assert "optimization_barrier" in jax.jit(qz.round_p).lower(p).as_text()
+  q, k, v = _qkv(2, 1, 200, 2, 64)
+  fused = jax.jit(lambda q, k, v: qz.dequantize(qz.quantize_qkv(q, k, v, precision="fp8")))
+  assert fused.lower(q, k, v).as_text().count("optimization_barrier") >= 3
+  for got, x in zip(fused(q, k, v), (q, k, v)):
+    assert float(jnp.abs(got - x.astype(jnp.float32)).max()) > 0
