@@ -33,6 +33,17 @@ elapsed() { echo $(( $(date +%s) - START )); }
 card=$(python -c "import jax; print('-'.join(jax.devices()[0].device_kind.lower().replace('_', ' ').split()))")
 date=$(date +%F)
 
+# The export to ship into $OUT/checkpoint/ and the loss curve as
+# train-demo-<card>-<date>$1-loss.json; the train state (~80 MB) stays behind.
+ship_run() {
+  mkdir -p "$OUT/checkpoint"
+  cp "$OUT/run/demo.safetensors" "$OUT/run/demo.json" "$OUT/run/demo_labels.safetensors" \
+    "$OUT/checkpoint/"
+  cp "$OUT/run/loss.json" "$OUT/train-demo-$card-$date$1-loss.json"
+  rm -rf "$OUT/run"
+  echo "[$(elapsed) s] done: ship $OUT/checkpoint/* to models/demo/checkpoints/"
+}
+
 case "${1:-}" in
   train)
     # a failing judge must not cost the training: its steps are allowed to fail
@@ -49,14 +60,9 @@ case "${1:-}" in
     python benchmarks/demo_shapes.py --model "$OUT/run/demo.safetensors" --pick-default ${SHAPES_ARGS:-} \
       --out "$OUT/demo-shapes-after-$card-$date.json" 2>&1 | tee "$OUT/shapes-after.log" \
       || echo "demo_shapes (after) failed" | tee -a "$OUT/shapes-after.log"
-    mkdir -p "$OUT/checkpoint"
-    cp "$OUT/run/demo.safetensors" "$OUT/run/demo.json" "$OUT/run/demo_labels.safetensors" \
-      "$OUT/checkpoint/"
-    cp "$OUT/run/loss.json" "$OUT/train-demo-$card-$date-loss.json"
     cp "$OUT/run/meta.json" "$OUT/train-demo-$card-$date-meta.json"
     [ -f "$OUT/run/loss.png" ] && cp "$OUT/run/loss.png" "$OUT/train-demo-loss.png"
-    rm -rf "$OUT/run"          # the train state (~80 MB) stays behind
-    echo "[$(elapsed) s] done: ship $OUT/checkpoint/* to models/demo/checkpoints/"
+    ship_run ""
     ;;
   continue)
     # A warm restart of the shipped demo (its bf16 EMA weights, a fresh optimizer), for
@@ -76,12 +82,7 @@ case "${1:-}" in
       --pick-default ${SHAPES_ARGS:-} \
       --out "$OUT/demo-shapes-continued-$card-$date.json" 2>&1 | tee "$OUT/shapes-after.log" \
       || echo "demo_shapes (after) failed" | tee -a "$OUT/shapes-after.log"
-    mkdir -p "$OUT/checkpoint"
-    cp "$OUT/run/demo.safetensors" "$OUT/run/demo.json" "$OUT/run/demo_labels.safetensors" \
-      "$OUT/checkpoint/"
-    cp "$OUT/run/loss.json" "$OUT/train-demo-$card-$date-continued-loss.json"
-    rm -rf "$OUT/run"
-    echo "[$(elapsed) s] done: ship $OUT/checkpoint/* to models/demo/checkpoints/"
+    ship_run "-continued"
     ;;
   quality)
     python benchmarks/quality.py --max-minutes 8 --out-dir "$OUT" \

@@ -202,12 +202,15 @@ def make_optimizer(tc: TrainConfig):
 def init_state(tc: TrainConfig) -> TrainState:
   key = jax.random.key(tc.seed)
   k_init, k_train = jax.random.split(key)
-  config = tc.dit_config()
-  params = init_demo_params(config, k_init, tc.frames, tc.height, tc.width)
-  optimizer = make_optimizer(tc)
+  params = init_demo_params(tc.dit_config(), k_init, tc.frames, tc.height, tc.width)
+  return _start_state(tc, params, k_train)
+
+
+def _start_state(tc: TrainConfig, params, key) -> TrainState:
+  """Step 0 at `params`: the EMA a copy of them, a fresh optimizer state."""
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     ema=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
-                     rng=jax.random.key_data(k_train))
+                     ema=jax.tree.map(jnp.copy, params), opt_state=make_optimizer(tc).init(params),
+                     rng=jax.random.key_data(key))
   return _on_device(state)
 
 
@@ -234,11 +237,7 @@ def init_state_from_export(tc: TrainConfig, export) -> tuple[TrainState, dict]:
   fresh = jax.eval_shape(lambda: init_state(tc))
   params = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), params, fresh.params)
   key = jax.random.fold_in(jax.random.key(tc.seed), int(meta.get("train_step", 0)))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     ema=jax.tree.map(jnp.copy, params),
-                     opt_state=make_optimizer(tc).init(params),
-                     rng=jax.random.key_data(key))
-  return _on_device(state), meta
+  return _start_state(tc, params, key), meta
 
 
 def _on_device(tree):
